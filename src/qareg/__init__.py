@@ -1,0 +1,29 @@
+"""qareg: compress neural networks by quantization-aware regularization.
+
+Train with `penalty(model)` added to the loss: it pulls each layer's weights toward a small
+codebook of learnable representatives; `convert` then snaps every weight to its nearest one.
+"""
+
+from qareg.batchnorm import recalibrate_batchnorm
+from qareg.codebook import Codebook, assign
+from qareg.errors import ConfigError, DataError, QaregError
+from qareg.models import create_model, list_models
+from qareg.quantize import ConversionReport, convert, penalty, prepare, quantized_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codebook",
+    "ConfigError",
+    "ConversionReport",
+    "DataError",
+    "QaregError",
+    "assign",
+    "convert",
+    "create_model",
+    "list_models",
+    "penalty",
+    "prepare",
+    "quantized_tensors",
+    "recalibrate_batchnorm",
+]

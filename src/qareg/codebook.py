@@ -1,0 +1,124 @@
+"""The learnable per-tensor codebook and nearest-representative assignment.
+
+A `Codebook` holds k representatives for one weight tensor as an `nn.Parameter`, so the
+optimiser, `state_dict()` and DistributedDataParallel see it like any other parameter.
+
+Representatives are stored in units of the tensor's scale (its root mean square when the
+codebook was made): `representatives = normalized * scale`. Gradients and optimiser steps
+then act on numbers of order one in every layer, so one learning rate suits a first conv
+with weights near 0.3 and a wide linear layer with weights near 0.01.
+
+Sorted and distinct, always: `project_()` sorts the representatives and pushes each one at
+least `MIN_GAP` (in scale units, more for very large ones) above its predecessor.
+`qareg.penalty` and `qareg.convert` call it before every use, so whatever an optimiser
+step did, representatives are never used out of order and never collapse onto one value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qareg.cluster1d import initial_representatives
+
+# Smallest distance between neighbouring representatives, in units of the tensor's scale.
+MIN_GAP = 1e-5
+
+
+def _midpoints_rounded_down(representatives: Tensor, dtype: torch.dtype) -> Tensor:
+    """Midpoints of neighbouring representatives, exact, then rounded down to `dtype`.
+
+    For a value v of `dtype`, v <= round_down(m) exactly when v <= m, so comparing against
+    these boundaries gives the same answer as comparing against the exact midpoints.
+    """
+    c = representatives.detach().double()
+    exact = (c[:-1] + c[1:]) / 2  # (k - 1,); exact in float64 for float32 representatives
+    rounded = exact.to(dtype)
+    too_high = rounded.double() > exact
+    lower = torch.nextafter(rounded, torch.full_like(rounded, -math.inf))
+    return torch.where(too_high, lower, rounded)
+
+
+def assign(values: Tensor, representatives: Tensor) -> Tensor:
+    """Index of the nearest representative for every value; a tie goes to the lower index.
+
+    `representatives` (k,) must be strictly increasing. A binary search of the k - 1
+    midpoints: O(N log k) time and an (N,) int64 result, never an N x k matrix.
+    """
+    assert representatives.dim() == 1, f"representatives must be 1-D, got {representatives.shape}"
+    boundaries = _midpoints_rounded_down(representatives, values.dtype).to(values.device)
+    # bucketize: boundaries[i - 1] < v <= boundaries[i] -> i, so a value exactly on a
+    # midpoint goes to the representative below it.
+    return torch.bucketize(values.detach(), boundaries)
+
+
+def rms_scale(values: Tensor) -> float:
+    """Root mean square of `values`, or 1.0 when they are all zero."""
+    rms = values.detach().double().square().mean().sqrt().item()
+    return rms if rms > 0 else 1.0
+
+
+class Codebook(nn.Module):
+    """k learnable representatives for one tensor, kept sorted and distinct."""
+
+    def __init__(self, k: int, scale: float = 1.0) -> None:
+        super().__init__()
+        assert k >= 2, f"a codebook needs k >= 2, got {k}"
+        # (k,) representatives divided by `scale`; the learnable part.
+        self.normalized = nn.Parameter(torch.arange(k, dtype=torch.float32))
+        # Scale of the tensor when the codebook was made (its RMS); fixed, not learned.
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.project_()
+
+    @classmethod
+    def fit(
+        cls, values: Tensor, k: int, init: str = "kmeans", generator: torch.Generator | None = None
+    ) -> Codebook:
+        """A codebook for `values`, initialised by one of `qareg.cluster1d.INITS`."""
+        scale = rms_scale(values)
+        codebook = cls(k, scale)
+        start = initial_representatives(values, k, init, generator) / scale
+        with torch.no_grad():
+            codebook.normalized.copy_(start.float())
+        codebook.project_()
+        return codebook.to(values.device)
+
+    @property
+    def k(self) -> int:
+        return self.normalized.numel()
+
+    @property
+    def bits(self) -> int:
+        """Bits per index: ceil(log2 k)."""
+        return max(1, math.ceil(math.log2(self.k)))
+
+    def representatives(self) -> Tensor:
+        """(k,) representatives in the tensor's units; differentiable."""
+        return self.normalized * self.scale
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Sort and enforce gaps of at least MIN_GAP: c_i >= c_(i-1) + MIN_GAP.
+
+        Sorting then a running maximum of c_i - i * gap moves each representative up only
+        as far as needed; representatives already in order with room between them stay put.
+        The gap grows with the largest |c| so that it stays many float32 steps wide.
+        """
+        ordered = self.normalized.double().sort().values
+        gap = MIN_GAP * ordered.abs().max().clamp(min=1.0)
+        steps = torch.arange(self.k, device=ordered.device, dtype=torch.float64) * gap
+        self.normalized.copy_(torch.cummax(ordered - steps, dim=0).values + steps)
+
+    def assign(self, values: Tensor) -> Tensor:
+        """Index of the nearest representative for every value of `values`."""
+        return assign(values, self.representatives())
+
+    def quantize(self, values: Tensor) -> Tensor:
+        """`values` with each entry replaced by its nearest representative (no gradient)."""
+        with torch.no_grad():
+            return self.representatives().to(values.dtype)[self.assign(values)]
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, scale={self.scale.item():.4g}"

@@ -1,0 +1,83 @@
+"""Quantization-aware penalties: pure functions of one weight tensor and its codebook.
+
+Each returns a scalar that pulls every weight toward its representative and every
+representative toward its weights; gradients flow to both.
+
+Scaling. A term is a relative quantization error: a mean over the tensor's entries divided
+by the tensor's current mean square (its square root for absolute distances), gradient
+included. Perturbing a layer's weights by relative noise e changes the loss by about
+beta * e^2 whatever the layer's size or weight scale, so a sum of these terms over layers
+approximates what snapping would cost and one global lambda suits every layer.
+
+The term is exactly invariant to scaling a tensor and its representatives together, so the
+weights cannot lower it by shrinking, which batch norm and weight decay would otherwise make
+free (with a constant denominator the layers after batch norm shrank and training went
+chaotic). The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's
+scale when its codebook was made, so a layer whose weights all approach zero cannot blow up.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qareg.codebook import assign
+
+VARIANTS = ("hard", "soft", "abs")
+
+
+def _mean_square(w: Tensor, scale: Tensor) -> Tensor:
+    return w.square().mean().clamp_min((1e-3 * scale).square())
+
+
+def hard_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
+    """Mean squared distance to the nearest representative, over the mean square."""
+    w = weights.flatten()
+    nearest = representatives[assign(w, representatives)]  # (N,)
+    return (w - nearest).square().mean() / _mean_square(w, scale)
+
+
+def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
+    """Mean absolute distance to the nearest representative, over the root mean square.
+
+    The pull has constant strength, so weights settle exactly on a representative once it
+    exceeds the task gradient, instead of hovering near it as with squared distances.
+    """
+    w = weights.flatten()
+    nearest = representatives[assign(w, representatives)]  # (N,)
+    return (w - nearest).abs().mean() / _mean_square(w, scale).sqrt()
+
+
+def soft_penalty(
+    weights: Tensor, representatives: Tensor, scale: Tensor, temperature: float
+) -> Tensor:
+    """Soft-min of relative squared distances at `temperature`.
+
+    -T log sum_j exp(-d_j / T) with d_j = (w - c_j)^2 / mean(w^2): the negative
+    log-likelihood of an equal-weight Gaussian mixture, up to a constant. Each weight is
+    pulled toward a responsibility-weighted mix of representatives, each representative by
+    the weights it is responsible for. The sum runs over the nearest representative and its
+    two neighbours, O(N) memory; farther ones weigh exp(-gap^2 / T) or less. It tends to the
+    hard penalty as T -> 0 and can dip below zero by at most T log 3.
+    """
+    w = weights.flatten()
+    k = representatives.numel()
+    nearest = assign(w, representatives)  # (N,)
+    candidates = nearest.unsqueeze(1) + torch.arange(-1, 2, device=w.device)  # (N, 3)
+    valid = (candidates >= 0) & (candidates < k)
+    reps = representatives[candidates.clamp(0, k - 1)]  # (N, 3)
+    distances = (w.unsqueeze(1) - reps).square() / _mean_square(w, scale)
+    distances = distances.masked_fill(~valid, torch.inf)
+    return (-temperature * torch.logsumexp(-distances / temperature, dim=1)).mean()
+
+
+def tensor_penalty(
+    variant: str, weights: Tensor, representatives: Tensor, scale: Tensor, temperature: float
+) -> Tensor:
+    """Dispatch to one of `VARIANTS` (validated by the caller's config)."""
+    if variant == "hard":
+        return hard_penalty(weights, representatives, scale)
+    if variant == "abs":
+        return abs_penalty(weights, representatives, scale)
+    assert variant == "soft", f"unknown penalty variant {variant!r}, expected one of {VARIANTS}"
+    return soft_penalty(weights, representatives, scale, temperature)
