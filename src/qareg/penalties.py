@@ -10,9 +10,10 @@ beta * e^2 whatever the layer's size or weight scale, so a sum of these terms ov
 approximates what snapping would cost and one global lambda suits every layer.
 
 The term is exactly invariant to scaling a tensor and its representatives together, so the
-weights cannot lower it by shrinking, which batch norm and weight decay would otherwise make
-free (with a constant denominator the layers after batch norm shrank and training went
-chaotic). The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's
+weights cannot lower it by shrinking: with a constant denominator they could, at no cost to
+the task for a layer followed by batch norm. A gradient that reaches the denominator is what
+makes this safe; a denominator that can be raised without moving the weights toward the
+representatives (the variance alone, say) invites the weights to spread out instead. The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's
 scale when its codebook was made, so a layer whose weights all approach zero cannot blow up.
 """
 
