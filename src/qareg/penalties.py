@@ -11,9 +11,10 @@ approximates what snapping would cost and one global lambda suits every layer.
 
 The term is exactly invariant to scaling a tensor and its representatives together, so the
 weights cannot lower it by shrinking: with a constant denominator they could, at no cost to
-the task for a layer followed by batch norm. The gradient reaches the denominator: its radial part
-cancels the numerator's, so the penalty neither shrinks nor inflates a layer. The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's
-scale when its codebook was made, so a layer whose weights all approach zero cannot blow up.
+the task for a layer followed by batch norm. The gradient reaches the denominator: its
+radial part cancels the numerator's, so the penalty neither shrinks nor inflates a layer.
+The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's scale when
+its codebook was made, so a layer whose weights all approach zero cannot blow up.
 """
 
 from __future__ import annotations

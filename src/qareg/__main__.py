@@ -1,0 +1,5 @@
+"""`python -m qareg` runs the command-line interface."""
+
+from qareg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Frozen configuration dataclasses, validated in `__post_init__`, with YAML loading.
+
+Each field has a typed default and a comment with its unit. A bad value raises
+`ConfigError` naming the field, the value and what is allowed. The CLI maps its flags onto
+these fields one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qareg.cluster1d import INITS
+from qareg.errors import ConfigError
+from qareg.penalties import VARIANTS
+from qareg.quantize import MAX_K
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "onecycle", "constant")
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ConfigError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_float(
+    name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        allowed = bound if high is None else f"{bound} and <= {high}"
+        raise ConfigError(f"{name} must be a number {allowed}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, and how the validation split is carved."""
+
+    dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
+    data_dir: str | None = None  # folder of the files; None: $QAREG_DATA or the default
+    download: bool = False  # fetch CIFAR-10 from its official address if missing
+    val_size: int = 5000  # images carved from the training set for choices
+    split_seed: int = 0  # seed of the validation split
+    augment: bool = True  # the dataset's usual augmentation (crop + flip for CIFAR-10)
+
+    def __post_init__(self) -> None:
+        from qareg.data import list_datasets
+
+        check_choice("dataset", self.dataset, tuple(list_datasets()))
+        check_int("val_size", self.val_size, 0)
+        check_int("split_seed", self.split_seed, 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe shared by full-precision and regularized training."""
+
+    model: str = "lenet5"  # a name from qareg.list_models()
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # images per step
+    optimizer: str = "sgd"  # sgd (with momentum) or adam
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # SGD momentum (Adam: beta1)
+    weight_decay: float = 5e-4  # L2 on the network's parameters; never on codebooks
+    lr_schedule: str = "cosine"  # cosine, onecycle or constant, stepped every batch
+    seed: int = 0  # model initialisation and batch order
+    device: str = "cpu"  # torch device string, e.g. cpu or cuda
+    bn_batches: int = 50  # training batches to re-estimate batch norm after convert
+
+    def __post_init__(self) -> None:
+        from qareg.models import list_models
+
+        check_choice("model", self.model, tuple(list_models()))
+        check_int("epochs", self.epochs, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_float("lr", self.lr, 0, low_open=True)
+        check_float("momentum", self.momentum, 0, 1)
+        check_float("weight_decay", self.weight_decay, 0)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_int("seed", self.seed, 0)
+        check_int("bn_batches", self.bn_batches, 1)
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """The quantization-aware regularizer: codebooks, penalty and lambda schedule."""
+
+    k: int = 4  # representatives per quantized tensor (any k >= 2)
+    init: str = "kmeans"  # codebook initialisation: linear, quantile, kmeans++ or kmeans
+    variant: str = "hard"  # penalty: hard (squared), soft (soft-min) or abs (absolute)
+    temperature: float = 0.05  # soft variant only, at the start; in units of scale squared
+    temperature_final: float | None = None  # soft: anneal geometrically to this; None: fixed
+    lam: float = 1.0  # global lambda: loss = task + lambda(t) * sum of per-tensor terms
+    lam_schedule: str = "linear"  # lambda(t): constant, or a linear, cosine or exponential ramp
+    lam_start: float = 1e-3  # exponential ramp only: it starts at lam * lam_start
+    ramp: float = 1.0  # fraction of training over which lambda ramps to `lam`
+    codebook_lr_scale: float = 1.0  # codebook learning rate = lr * this
+    include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
+    exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
+    layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 2, MAX_K)
+        check_choice("init", self.init, INITS)
+        check_choice("variant", self.variant, VARIANTS)
+        check_float("temperature", self.temperature, 0, low_open=True)
+        if self.temperature_final is not None:
+            check_float("temperature_final", self.temperature_final, 0, low_open=True)
+        check_float("lam", self.lam, 0)
+        check_choice("lam_schedule", self.lam_schedule, LAMBDA_SCHEDULES)
+        check_float("ramp", self.ramp, 0, 1, low_open=True)
+        check_float("lam_start", self.lam_start, 0, 1, low_open=True)
+        check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a list of glob patterns, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.layer_weights, dict):
+            raise ConfigError(f"layer_weights must map patterns to numbers, got "
+                              f"{self.layer_weights!r}")
+        for pattern, weight in self.layer_weights.items():
+            check_float(f"layer_weights[{pattern!r}]", weight, 0)
+
+    def temperature_at(self, progress: float) -> float:
+        """Soft-min temperature at `progress` in [0, 1] of training (geometric annealing)."""
+        if self.temperature_final is None:
+            return self.temperature
+        return self.temperature * (self.temperature_final / self.temperature) ** progress
+
+    def lambda_at(self, progress: float) -> float:
+        """lambda at `progress` in [0, 1] of training, following `lam_schedule`."""
+        if self.lam_schedule == "constant":
+            return self.lam
+        ramp = min(1.0, progress / self.ramp)
+        if self.lam_schedule == "linear":
+            return self.lam * ramp
+        if self.lam_schedule == "exponential":  # equal time in every decade of lambda
+            return self.lam * self.lam_start ** (1 - ramp)
+        return self.lam * (1 - math.cos(math.pi * ramp)) / 2
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build config `cls` from a mapping; an unknown key is an error listing the valid ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {values!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+            f"{' in ' + where if where else ''}; valid keys: {', '.join(valid)}"
+        )
+    return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (sections data, train, regularizer)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return values
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-friendly values."""
+    out = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -1,0 +1,106 @@
+"""`qareg demo`: full precision vs post-training k-means vs qareg, on Fashion-MNIST.
+
+Trains one full-precision network, then for every k: quantizes a copy after training
+(k-means codebooks, batch norm re-estimated), and fine-tunes another copy with the
+regularizer before snapping it. Every number in the table is a test accuracy; every choice
+behind the defaults was made on the validation split (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qareg.config import RegularizerConfig, TrainConfig, as_dict, check_int
+from qareg.data import load_dataset
+from qareg.engine import convert_with_data, evaluate, train
+from qareg.errors import ConfigError
+from qareg.models import create_model
+from qareg.provenance import provenance
+from qareg.quantize import prepare
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo trains; the defaults finish within 20 minutes on 2 CPU cores."""
+
+    model: str = "lenet5"  # network trained on Fashion-MNIST
+    epochs: int = 15  # full-precision training
+    qareg_epochs: int = 15  # fine-tuning with the regularizer, for each k
+    ks: tuple[int, ...] = (2, 4, 16)  # codebook sizes compared
+    lam: float = 1000.0  # the regularizer's final lambda (linear ramp from 0)
+    seed: int = 0  # initialisation, batch order, codebook init
+    val_size: int = 5000  # training images held out for validation (choices use it)
+    data_dir: str | None = None  # Fashion-MNIST folder; None: $QAREG_DATA or the default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        TrainConfig(model=self.model, epochs=self.epochs, seed=self.seed, device=self.device)
+        check_int("qareg_epochs", self.qareg_epochs, 1)
+        check_int("val_size", self.val_size, 0)
+        if not self.ks:
+            raise ConfigError("ks must name at least one k")
+        for k in self.ks:
+            RegularizerConfig(k=k, lam=self.lam)
+        object.__setattr__(self, "ks", tuple(self.ks))
+
+    def full_precision(self) -> TrainConfig:
+        return TrainConfig(model=self.model, epochs=self.epochs, optimizer="sgd", lr=0.05,
+                           seed=self.seed, device=self.device)
+
+    def fine_tuning(self) -> TrainConfig:
+        return TrainConfig(model=self.model, epochs=self.qareg_epochs, optimizer="adam",
+                           lr=1e-3, seed=self.seed, device=self.device)
+
+    def regularizer(self, k: int) -> RegularizerConfig:
+        return RegularizerConfig(k=k, lam=self.lam)
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the comparison; returns the result as JSON-ready values (accuracies in percent)."""
+    splits = load_dataset("fashion-mnist", config.data_dir, val_size=config.val_size)
+    fp_config = config.full_precision()
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    model = create_model(config.model, splits.num_classes, splits.in_channels,
+                         splits.input_size).to(config.device)
+    train(model, splits, fp_config, augment=False, progress=progress, description="full precision")
+    fp_accuracy = evaluate(model, splits.test, splits, config.device)
+    rows = []
+
+    def add_row(method: str, k: int, network: torch.nn.Module, report) -> None:
+        accuracy = evaluate(network, splits.test, splits, config.device)
+        rows.append({"method": method, "k": k, "bits_per_weight": report.bits_per_weight,
+                     "accuracy": accuracy, "drop": fp_accuracy - accuracy})
+
+    for k in config.ks:
+        ptq = prepare(copy.deepcopy(model), k, seed=config.seed)
+        add_row("ptq-kmeans", k, ptq, convert_with_data(ptq, splits, fp_config))
+    for k in config.ks:
+        reg_config = config.regularizer(k)
+        tuned = prepare(copy.deepcopy(model), k, init=reg_config.init, seed=config.seed)
+        train(tuned, splits, config.fine_tuning(), reg_config, augment=False, progress=progress,
+              description=f"qareg k={k}")
+        add_row("qareg", k, tuned, convert_with_data(tuned, splits, fp_config))
+    return {
+        "full_precision": {"accuracy": fp_accuracy},
+        "rows": rows,
+        "config": as_dict(config),
+        "seconds": round(time.perf_counter() - start, 1),
+        **provenance(),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The demo's result as a text table."""
+    header = f"{'method':<16}{'k':>6}{'bits/weight':>13}{'test acc %':>12}{'drop':>8}"
+    fp = result["full_precision"]["accuracy"]
+    lines = [header, "-" * len(header), f"{'full precision':<16}{'-':>6}{32:>13}{fp:>12.2f}{'':>8}"]
+    for row in result["rows"]:
+        lines.append(f"{row['method']:<16}{row['k']:>6}{row['bits_per_weight']:>13.2f}"
+                     f"{row['accuracy']:>12.2f}{row['drop']:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import qareg
+from qareg.checkpoint import FORMAT_VERSION, atomic_write, load_checkpoint, save_checkpoint
+from qareg.errors import ConfigError
+
+
+def test_round_trip_restores_codebooks_and_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = qareg.prepare(qareg.create_model("lenet5", 10, 1, 28), k=5,
+                          k_per_tensor={"classifier.4.weight": 3})
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, {"seed": 0, "config": {"k": 5}})
+    loaded, meta = load_checkpoint(path)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert {t.name: t.codebook.k for t in qareg.quantized_tensors(loaded)} == {
+        t.name: t.codebook.k for t in qareg.quantized_tensors(model)
+    }
+    assert meta["seed"] == 0 and meta["config"] == {"k": 5}
+    assert {"qareg_version", "git_commit", "torch_version", "created"} <= set(meta)
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('ran code')",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "qareg-checkpoint", "payload": Evil()}, path)
+    with pytest.raises(ConfigError, match="not a readable qareg checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"something": 1}, "is not a qareg checkpoint"),
+        ({"format": "qareg-checkpoint", "format_version": 99}, "format version 99"),
+    ],
+)
+def test_foreign_or_future_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "x.pt"
+    torch.save(content, path)
+    with pytest.raises(ConfigError, match=message):
+        load_checkpoint(path)
+    assert FORMAT_VERSION == 1
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.pt' does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"old")
+
+    def failing(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, failing)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]

@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qareg.cli import main
+
+FAST = ["--epochs", "1", "--val-size", "200", "--batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture
+def data_env(fashion_dir, monkeypatch):
+    monkeypatch.setenv("QAREG_DATA", str(fashion_dir))
+    return fashion_dir
+
+
+def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
+    fp, ptq, reg, snapped = (tmp_path / n for n in ("fp.pt", "ptq.pt", "reg.pt", "snapped.pt"))
+    metrics = tmp_path / "metrics.jsonl"
+    assert main(["train", "--model", "lenet5", "--out", str(fp), "--metrics", str(metrics),
+                 *FAST]) == 0
+    assert len(metrics.read_text().splitlines()) == 1
+    assert main(["quantize", str(fp), "--k", "4", "--out", str(ptq)]) == 0
+    assert "2.00 bits/weight" in capsys.readouterr().out
+    assert main(["train", "--method", "qareg", "--init-from", str(fp), "--k", "4", "--lam",
+                 "1000", "--optimizer", "adam", "--lr", "0.005", "--out", str(reg), *FAST]) == 0
+    assert main(["quantize", str(reg), "--out", str(snapped)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(snapped)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 300 and result["split"] == "test"
+    assert result["accuracy"] > 50.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--method", "qareg", "--k", "1"], "k must be an integer from 2 to 65536"),
+        (["train", "--model", "resnet9"], "model must be one of alexnet, cnn4, lenet5"),
+        (["train", "--method", "qareg", "--lam", "-1"], "lam must be a number >= 0, got -1"),
+        (["train", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["train", "--k", "4"], "--k only applies with --method qareg"),
+        (["train", "--method", "qareg", "--k", "200"],
+         "k=200 is larger than tensor 'features.0.weight' with 150 entries"),
+        (["train", "--method", "qareg", "--exclude", "nope.*"],
+         "exclude pattern 'nope.*' matches no parameter"),
+        (["train", "--init-from", "missing.pt"], "--init-from 'missing.pt' does not exist"),
+        (["train", "--method", "qareg", "--layer-weights", "x=y"], "PATTERN=WEIGHT pairs"),
+    ],
+)
+def test_bad_train_input_exits_2_names_the_value_and_writes_nothing(
+    argv, message, data_env, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    out, metrics = tmp_path / "out.pt", tmp_path / "m.jsonl"
+    code = main([*argv, "--val-size", "200", "--out", str(out), "--metrics", str(metrics),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert not out.exists() and not metrics.exists()
+
+
+def test_missing_data_folder_names_the_folder_and_files(tmp_path, capsys):
+    out = tmp_path / "out.pt"
+    code = main(["train", "--data-dir", str(tmp_path / "nodata"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nodata" in err and "train-images-idx3-ubyte.gz" in err
+    assert not out.exists()
+
+
+def test_yaml_config_sets_defaults_and_rejects_unknown_keys(data_env, tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  epochs: 1\n  batch_size: 64\ndata:\n  val_size: 100\n")
+    out = tmp_path / "model.pt"
+    assert main(["train", "--config", str(good), "--out", str(out), "--no-progress"]) == 0
+    assert '"epochs": 1' in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    out2 = tmp_path / "model2.pt"
+    assert main(["train", "--config", str(bad), "--out", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key epoch in section 'train'; valid keys: model, epochs" in err
+    assert not out2.exists()
+
+
+def test_quantize_rejects_bad_k_and_keeps_existing_output(data_env, tmp_path, capsys):
+    fp = tmp_path / "fp.pt"
+    assert main(["train", "--out", str(fp), *FAST]) == 0
+    out = tmp_path / "q.pt"
+    out.write_bytes(b"earlier result")
+    assert main(["quantize", str(fp), "--k", "1", "--out", str(out)]) == 2
+    assert "k must be an integer from 2" in capsys.readouterr().err
+    assert main(["quantize", str(fp), "--out", str(out)]) == 2
+    assert "give --k" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier result"
+
+
+def test_demo_writes_the_documented_json(data_env, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    code = main(["demo", "--epochs", "1", "--qareg-epochs", "1", "--ks", "2", "4",
+                 "--val-size", "200", "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result["full_precision"]) == {"accuracy"}
+    rows = result["rows"]
+    assert [(r["method"], r["k"]) for r in rows] == [
+        ("ptq-kmeans", 2), ("ptq-kmeans", 4), ("qareg", 2), ("qareg", 4)]
+    for row in rows:
+        assert row["bits_per_weight"] == {2: 1.0, 4: 2.0}[row["k"]]
+        assert row["drop"] == pytest.approx(result["full_precision"]["accuracy"]
+                                            - row["accuracy"])
+    assert "ptq-kmeans" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_k_before_training(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--ks", "1", "--out", str(out)]) == 2
+    assert "k must be an integer from 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_console_entry_point_exits_2_on_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qareg", "train", "--lr", "-1", "--out",
+                             str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "lr must be a number > 0, got -1" in result.stderr

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+
+from qareg.config import DataConfig, RegularizerConfig, TrainConfig, as_dict, from_dict
+from qareg.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "cls, values, message",
+    [
+        (TrainConfig, {"model": "resnet9"}, "model must be one of alexnet, cnn4, lenet5"),
+        (TrainConfig, {"epochs": -1}, "epochs must be an integer >= 0, got -1"),
+        (TrainConfig, {"lr": 0}, "lr must be a number > 0, got 0"),
+        (TrainConfig, {"lr": math.nan}, "lr must be a number > 0, got nan"),
+        (TrainConfig, {"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam"),
+        (TrainConfig, {"momentum": 1.5}, "momentum must be a number >= 0 and <= 1"),
+        (TrainConfig, {"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+        (RegularizerConfig, {"k": 1}, "k must be an integer from 2 to 65536, got 1"),
+        (RegularizerConfig, {"lam": -0.5}, "lam must be a number >= 0, got -0.5"),
+        (RegularizerConfig, {"variant": "l3"}, "variant must be one of hard, soft, abs"),
+        (RegularizerConfig, {"init": "zeros"}, "init must be one of linear, quantile"),
+        (RegularizerConfig, {"ramp": 0}, "ramp must be a number > 0 and <= 1, got 0"),
+        (RegularizerConfig, {"temperature": 0.0}, "temperature must be a number > 0"),
+        (RegularizerConfig, {"include": "conv*"}, "include must be a list of glob patterns"),
+        (RegularizerConfig, {"layer_weights": {"a": -1}}, "layer_weights\\['a'\\] must be"),
+        (DataConfig, {"dataset": "mnist"}, "dataset must be one of cifar10, fashion-mnist"),
+        (DataConfig, {"val_size": -3}, "val_size must be an integer >= 0, got -3"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(cls, values, message):
+    with pytest.raises(ConfigError, match=message):
+        cls(**values)
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown key lamda in section 'regularizer'; valid "
+                                          "keys: k, init, variant"):
+        from_dict(RegularizerConfig, {"lamda": 1.0}, where="section 'regularizer'")
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("constant", [8.0, 8.0, 8.0, 8.0]),
+        ("linear", [0.0, 4.0, 8.0, 8.0]),
+        ("cosine", [0.0, 4.0, 8.0, 8.0]),
+        ("exponential", [0.008, 8.0 * 0.001**0.5, 8.0, 8.0]),
+    ],
+)
+def test_lambda_schedules_ramp_over_the_given_fraction(schedule, expected):
+    config = RegularizerConfig(lam=8.0, lam_schedule=schedule, ramp=0.5)
+    got = [config.lambda_at(p) for p in (0.0, 0.25, 0.5, 1.0)]
+    assert got == pytest.approx(expected)
+
+
+def test_temperature_anneals_geometrically():
+    config = RegularizerConfig(temperature=0.1, temperature_final=0.001)
+    assert config.temperature_at(0.0) == pytest.approx(0.1)
+    assert config.temperature_at(0.5) == pytest.approx(0.01)
+    assert config.temperature_at(1.0) == pytest.approx(0.001)
+    assert RegularizerConfig(temperature=0.2).temperature_at(0.7) == 0.2
+
+
+def test_as_dict_is_json_friendly():
+    values = as_dict(RegularizerConfig(include=["a.*"]))
+    assert values["include"] == ["a.*"] and values["k"] == 4
