@@ -28,9 +28,9 @@ from qareg.quantize import prepare
 class DemoConfig:
     """What the demo trains; the defaults finish within 20 minutes on 2 CPU cores."""
 
-    model: str = "lenet5"  # network trained on Fashion-MNIST
-    epochs: int = 15  # full-precision training
-    qareg_epochs: int = 15  # fine-tuning with the regularizer, for each k
+    model: str = "cnn4"  # network trained on Fashion-MNIST
+    epochs: int = 8  # full-precision training
+    qareg_epochs: int = 5  # fine-tuning with the regularizer, for each k
     ks: tuple[int, ...] = (2, 4, 16)  # codebook sizes compared
     lam: float = 1000.0  # the regularizer's final lambda (linear ramp from 0)
     seed: int = 0  # initialisation, batch order, codebook init

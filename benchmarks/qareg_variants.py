@@ -1,0 +1,131 @@
+"""Which regularizer variant should be the default? Measured on the validation split.
+
+Trains one full-precision network on Fashion-MNIST (cached beside the results), quantizes it
+after training with k-means (the baseline), then fine-tunes a copy with every variant in
+VARIANTS at every k and snaps it. One JSON line per run goes to --out; finished runs are
+skipped, so an interrupted sweep resumes. Choices are made on `val_quantized`; `test` only
+reports.
+
+    python benchmarks/qareg_variants.py --model lenet5 \
+        --out benchmarks/results/variants-lenet5.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qareg import create_model, prepare
+from qareg.checkpoint import load_checkpoint, save_checkpoint
+from qareg.config import as_dict
+from qareg.data import load_dataset
+from qareg.demo import DemoConfig
+from qareg.engine import convert_with_data, evaluate, train
+from qareg.provenance import provenance
+
+# name -> (RegularizerConfig overrides, TrainConfig overrides), relative to the demo's recipe
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {}),
+    "soft-T0.05": ({"variant": "soft", "temperature": 0.05}, {}),
+    "soft-anneal-0.3-0.001": ({"variant": "soft", "temperature": 0.3,
+                               "temperature_final": 0.001}, {}),
+    "abs": ({"variant": "abs"}, {}),
+    "abs-sgd": ({"variant": "abs", "lam": 100.0}, {"optimizer": "sgd", "lr": 0.01}),
+    "init-linear": ({"init": "linear"}, {}),
+    "init-quantile": ({"init": "quantile"}, {}),
+    "init-kmeans++": ({"init": "kmeans++"}, {}),
+    "lam-100": ({"lam": 100.0}, {}),
+    "lam-10000": ({"lam": 10000.0}, {}),
+    "schedule-constant": ({"lam_schedule": "constant"}, {}),
+    "schedule-cosine": ({"lam_schedule": "cosine"}, {}),
+    "schedule-exponential": ({"lam_schedule": "exponential", "lam_start": 1e-3}, {}),
+    "ramp-0.5": ({"ramp": 0.5}, {}),
+    "codebook-lr-x10": ({"codebook_lr_scale": 10.0}, {}),
+    "sgd-lam100": ({"lam": 100.0}, {"optimizer": "sgd", "lr": 0.01}),
+    "adam-lr3e-4": ({}, {"lr": 3e-4}),
+}
+
+
+def done_runs(path: Path) -> set[tuple[str, int]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(row["variant"], row["k"]) for row in rows}
+
+
+def append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DemoConfig.model)
+    parser.add_argument("--fp-epochs", type=int, default=DemoConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=DemoConfig.qareg_epochs)
+    parser.add_argument("--ks", type=int, nargs="+", default=[4])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    demo = DemoConfig(model=args.model, epochs=args.fp_epochs, qareg_epochs=args.epochs,
+                      seed=args.seed)
+    splits = load_dataset("fashion-mnist")
+    fp_config = demo.full_precision()
+    fp_path = args.out.with_name(f"{args.out.stem}-fp-seed{args.seed}.pt")
+    if fp_path.exists():
+        model, _ = load_checkpoint(fp_path)
+    else:
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, splits.num_classes, splits.in_channels,
+                             splits.input_size)
+        train(model, splits, fp_config, augment=False, progress=False)
+        save_checkpoint(fp_path, model, {"config": as_dict(fp_config), "seed": args.seed})
+    common = {"model": args.model, "seed": args.seed, "fp_epochs": args.fp_epochs,
+              "epochs": args.epochs, **provenance()}
+    finished = done_runs(args.out)
+    if ("full-precision", 32) not in finished:
+        append(args.out, {**common, "variant": "full-precision", "k": 32,
+                          "val": evaluate(model, splits.val, splits),
+                          "test": evaluate(model, splits.test, splits)})
+    for k in args.ks:
+        if ("ptq-kmeans", k) not in finished:
+            ptq = prepare(copy.deepcopy(model), k, seed=args.seed)
+            convert_with_data(ptq, splits, fp_config)
+            append(args.out, {**common, "variant": "ptq-kmeans", "k": k,
+                              "val_quantized": evaluate(ptq, splits.val, splits),
+                              "test": evaluate(ptq, splits.test, splits)})
+        for name in args.variants:
+            if (name, k) in finished:
+                continue
+            reg_overrides, train_overrides = VARIANTS[name]
+            regularizer = dataclasses.replace(demo.regularizer(k), **reg_overrides)
+            config = dataclasses.replace(demo.fine_tuning(), **train_overrides)
+            tuned = prepare(copy.deepcopy(model), k, init=regularizer.init, seed=args.seed)
+            start = time.perf_counter()
+            history = train(tuned, splits, config, regularizer, augment=False, progress=False)
+            seconds = time.perf_counter() - start
+            val_fp = evaluate(tuned, splits.val, splits)
+            convert_with_data(tuned, splits, fp_config)
+            append(args.out, {
+                **common, "variant": name, "k": k, "val_fp": val_fp,
+                "val_quantized": evaluate(tuned, splits.val, splits),
+                "test": evaluate(tuned, splits.test, splits),
+                "final_penalty": history[-1].penalty, "train_seconds": round(seconds, 1),
+                "regularizer": as_dict(regularizer), "train": as_dict(config),
+            })
+            print(name, k, "done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
