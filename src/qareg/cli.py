@@ -135,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise QaregError(f"{', '.join(given) or 'the regularizer section'} only applies "
                              "with --method qareg")
     _check_output(args.out)
+    if args.metrics is None:
+        args.metrics = str(Path(args.out).with_suffix(".metrics.jsonl"))
     _check_output(args.metrics, "--metrics")
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise QaregError(f"--init-from {args.init_from!r} does not exist or is not a file")
@@ -166,9 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare(model, reg_cfg.k, include=reg_cfg.include or None, exclude=reg_cfg.exclude,
                 init=reg_cfg.init, seed=train_cfg.seed)
     _print_config(data=data_cfg, train=train_cfg, **({"regularizer": reg_cfg} if reg_cfg else {}))
-    if args.metrics is not None:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text("")  # this run's metrics only
+    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.metrics).write_text("")  # this run's metrics only
     history = train(model, splits, train_cfg, reg_cfg, augment=data_cfg.augment,
                     metrics_path=args.metrics, progress=not args.no_progress)
     meta = {
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("fp", "qareg"), default="fp",
                    help="fp: full precision; qareg: with the quantization-aware regularizer")
     p.add_argument("--out", required=True, help="checkpoint file to write")
-    p.add_argument("--metrics", help="JSON-lines file for per-epoch metrics")
+    p.add_argument("--metrics", help="JSON-lines file of per-epoch metrics "
+                   "(default: OUT with the suffix .metrics.jsonl)")
     p.add_argument("--init-from", help="fine-tune this checkpoint instead of a new network")
     p.add_argument("--config", help="YAML file with sections data, train, regularizer")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

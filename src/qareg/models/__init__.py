@@ -51,6 +51,16 @@ def feature_count(features: nn.Module, in_channels: int, input_size: int) -> int
     return n
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) convolutions; batch norm at weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def create_model(
     name: str, num_classes: int = 10, in_channels: int = 3, input_size: int = 32
 ) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qareg.models import check_args, feature_count, register_model
+from qareg.models import check_args, feature_count, init_conv_bn, register_model
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -42,12 +42,7 @@ class CNN4(nn.Module):
         )
         n = feature_count(self.features, in_channels, input_size)  # 64 at every size
         self.classifier = nn.Sequential(nn.Linear(n, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))  # (B, C, H, W) -> (B, num_classes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qareg.models import check_args, feature_count, register_model
+from qareg.models import check_args, feature_count, init_conv_bn, register_model
 
 # Output channels of each 3x3 conv + BN + ReLU; "M" is a 2x2 max pool.
 CFGS: dict[str, list[int | str]] = {
@@ -42,12 +42,7 @@ class VGG(nn.Module):
         self.features = nn.Sequential(make_layers(cfg, in_channels), nn.Flatten())
         n = feature_count(self.features, in_channels, input_size)  # 512*1*1 at 28 and 32
         self.classifier = nn.Linear(n, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))  # (B, C, H, W) -> (B, num_classes)
