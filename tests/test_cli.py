@@ -34,6 +34,19 @@ def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
     assert result["images"] == 300 and result["split"] == "test"
     assert result["accuracy"] > 50.0
 
+    compressed = tmp_path / "model.qz"
+    assert main(["compress", str(reg), str(compressed)]) == 2  # not quantized yet
+    assert "run `qareg quantize" in capsys.readouterr().err and not compressed.exists()
+    assert main(["compress", str(snapped), str(compressed)]) == 0
+    assert "compression ratio" in capsys.readouterr().out
+    assert main(["inspect", str(compressed)]) == 0
+    assert "model: lenet5 (in_channels=1" in capsys.readouterr().out
+    assert main(["evaluate", str(compressed)]) == 0  # same network, read from the file
+    assert json.loads(capsys.readouterr().out)["accuracy"] == result["accuracy"]
+    compressed.write_bytes(compressed.read_bytes()[:-10])
+    assert main(["inspect", str(compressed)]) == 2
+    assert "model.qz" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     "argv, message",
@@ -105,7 +118,7 @@ def test_demo_writes_the_documented_json(data_env, tmp_path, capsys):
                  "--val-size", "200", "--out", str(out), "--no-progress"])
     assert code == 0
     result = json.loads(out.read_text())
-    assert set(result["full_precision"]) == {"accuracy"}
+    assert set(result["full_precision"]) == {"accuracy", "file_bytes"}
     rows = result["rows"]
     assert [(r["method"], r["k"]) for r in rows] == [
         ("ptq-kmeans", 2), ("ptq-kmeans", 4), ("qareg", 2), ("qareg", 4)]
@@ -113,6 +126,9 @@ def test_demo_writes_the_documented_json(data_env, tmp_path, capsys):
         assert row["bits_per_weight"] == {2: 1.0, 4: 2.0}[row["k"]]
         assert row["drop"] == pytest.approx(result["full_precision"]["accuracy"]
                                             - row["accuracy"])
+        assert row["compression_ratio"] == pytest.approx(
+            result["full_precision"]["file_bytes"] / row["file_bytes"])
+        assert row["compression_ratio"] > 8  # k <= 4 on cnn4: about 10x to 15x
     assert "ptq-kmeans" in capsys.readouterr().out
 
 

@@ -6,6 +6,12 @@ codebook of learnable representatives; `convert` then snaps every weight to its 
 
 from qareg.batchnorm import recalibrate_batchnorm
 from qareg.codebook import Codebook, assign
+from qareg.compress import (
+    CompressedFileError,
+    inspect_compressed,
+    load_compressed,
+    save_compressed,
+)
 from qareg.errors import ConfigError, DataError, QaregError
 from qareg.models import create_model, list_models
 from qareg.quantize import ConversionReport, convert, penalty, prepare, quantized_tensors
@@ -14,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Codebook",
+    "CompressedFileError",
     "ConfigError",
     "ConversionReport",
     "DataError",
@@ -21,9 +28,12 @@ __all__ = [
     "assign",
     "convert",
     "create_model",
+    "inspect_compressed",
     "list_models",
+    "load_compressed",
     "penalty",
     "prepare",
     "quantized_tensors",
     "recalibrate_batchnorm",
+    "save_compressed",
 ]

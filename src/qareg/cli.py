@@ -244,14 +244,50 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qareg.checkpoint import load_checkpoint
+    from qareg.compress import inspect_compressed, is_compressed_file, load_compressed
     from qareg.engine import evaluate
 
-    model, meta = load_checkpoint(args.checkpoint, args.device)
+    if is_compressed_file(args.checkpoint):
+        meta = inspect_compressed(args.checkpoint).meta
+        model = load_compressed(args.checkpoint, device=args.device)
+    else:
+        model, meta = load_checkpoint(args.checkpoint, args.device)
     splits = _data_for(meta, args)
     data = splits.test if args.split == "test" else splits.val
     accuracy = evaluate(model, data, splits, args.device)
     print(json.dumps({"checkpoint": args.checkpoint, "split": args.split,
                       "accuracy": round(accuracy, 2), "images": len(data)}))
+    return 0
+
+
+# -------------------------------------------------------------------- compress, inspect
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from qareg.checkpoint import load_checkpoint
+    from qareg.compress import save_compressed
+
+    _check_output(args.out)
+    model, meta = load_checkpoint(args.checkpoint)
+    if not meta.get("converted"):
+        raise QaregError(f"{args.checkpoint!r} is not quantized yet: run `qareg quantize "
+                         f"{args.checkpoint} --out QUANTIZED.pt` and compress that")
+    info = save_compressed(model, args.out, codebook_dtype=args.codebook_dtype,
+                           entropy_coding=not args.no_entropy_coding,
+                           meta={**meta, "compressed_from": args.checkpoint})
+    print(info.format_table())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from qareg.compress import inspect_compressed
+
+    info = inspect_compressed(args.file)
+    if info.model is not None:
+        args_text = ", ".join(f"{k}={v}" for k, v in info.model.items() if k != "name")
+        print(f"model: {info.model.get('name')} ({args_text})")
+    print(info.format_table())
     return 0
 
 
@@ -315,13 +351,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("evaluate", help="accuracy of a checkpoint")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint or of a compressed file")
+    p.add_argument("checkpoint", help="checkpoint (.pt) or compressed file (qareg compress)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--dataset", help="override the checkpoint's dataset")
     p.add_argument("--data-dir", help="folder of the dataset files")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("compress", help="write a quantized checkpoint as codebooks plus "
+                       "bit-packed indices")
+    p.add_argument("checkpoint", help="a checkpoint written by qareg quantize")
+    p.add_argument("out", help="compressed file to write")
+    p.add_argument("--codebook-dtype", choices=("float32", "float16"), default="float32",
+                   help="float16 halves the codebooks; loaded weights then differ slightly")
+    p.add_argument("--no-entropy-coding", action="store_true",
+                   help="bit-pack every index stream (by default range coding is used "
+                   "wherever it is smaller)")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("inspect", help="size accounting of a compressed file")
+    p.add_argument("file")
+    p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("demo", help="full precision vs post-training k-means vs qareg on "
                        "Fashion-MNIST, in one table")

@@ -9,12 +9,16 @@ behind the defaults was made on the validation split (see BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from qareg.compress import save_compressed
 from qareg.config import RegularizerConfig, TrainConfig, as_dict, check_int
 from qareg.data import load_dataset
 from qareg.engine import convert_with_data, evaluate, train
@@ -72,10 +76,19 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     fp_accuracy = evaluate(model, splits.test, splits, config.device)
     rows = []
 
+    fp_bytes = None
+    folder = Path(tempfile.mkdtemp(prefix="qareg-demo-"))  # compressed files, to weigh them
+
     def add_row(method: str, k: int, network: torch.nn.Module, report) -> None:
+        nonlocal fp_bytes
         accuracy = evaluate(network, splits.test, splits, config.device)
+        stored = save_compressed(network, folder / f"{method}-k{k}.qz",
+                                 meta={"method": method, "k": k, "seed": config.seed})
+        fp_bytes = stored.float32_bytes
         rows.append({"method": method, "k": k, "bits_per_weight": report.bits_per_weight,
-                     "accuracy": accuracy, "drop": fp_accuracy - accuracy})
+                     "accuracy": accuracy, "drop": fp_accuracy - accuracy,
+                     "file_bytes": stored.file_bytes,
+                     "compression_ratio": stored.compression_ratio})
 
     for k in config.ks:
         ptq = prepare(copy.deepcopy(model), k, seed=config.seed)
@@ -86,8 +99,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
         train(tuned, splits, config.fine_tuning(), reg_config, augment=False, progress=progress,
               description=f"qareg k={k}")
         add_row("qareg", k, tuned, convert_with_data(tuned, splits, fp_config))
+    shutil.rmtree(folder)
     return {
-        "full_precision": {"accuracy": fp_accuracy},
+        "full_precision": {"accuracy": fp_accuracy, "file_bytes": fp_bytes},
         "rows": rows,
         "config": as_dict(config),
         "seconds": round(time.perf_counter() - start, 1),
@@ -97,10 +111,14 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The demo's result as a text table."""
-    header = f"{'method':<16}{'k':>6}{'bits/weight':>13}{'test acc %':>12}{'drop':>8}"
-    fp = result["full_precision"]["accuracy"]
-    lines = [header, "-" * len(header), f"{'full precision':<16}{'-':>6}{32:>13}{fp:>12.2f}{'':>8}"]
+    header = (f"{'method':<16}{'k':>6}{'bits/weight':>13}{'test acc %':>12}{'drop':>8}"
+              f"{'file KB':>10}{'ratio':>8}")
+    fp = result["full_precision"]
+    lines = [header, "-" * len(header),
+             f"{'full precision':<16}{'-':>6}{32:>13}{fp['accuracy']:>12.2f}{'':>8}"
+             f"{fp['file_bytes'] / 1000:>10.1f}{1:>8.2f}"]
     for row in result["rows"]:
         lines.append(f"{row['method']:<16}{row['k']:>6}{row['bits_per_weight']:>13.2f}"
-                     f"{row['accuracy']:>12.2f}{row['drop']:>8.2f}")
+                     f"{row['accuracy']:>12.2f}{row['drop']:>8.2f}"
+                     f"{row['file_bytes'] / 1000:>10.1f}{row['compression_ratio']:>8.2f}")
     return "\n".join(lines)

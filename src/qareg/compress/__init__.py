@@ -1,0 +1,22 @@
+"""Compressed model files: bit-packing, entropy coding and the safetensors container."""
+
+from qareg.compress.bitpack import pack_bits, unpack_bits
+from qareg.compress.io import (
+    CompressedFileError,
+    CompressedInfo,
+    inspect_compressed,
+    is_compressed_file,
+    load_compressed,
+    save_compressed,
+)
+
+__all__ = [
+    "CompressedFileError",
+    "CompressedInfo",
+    "inspect_compressed",
+    "is_compressed_file",
+    "load_compressed",
+    "pack_bits",
+    "save_compressed",
+    "unpack_bits",
+]
