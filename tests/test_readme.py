@@ -14,7 +14,8 @@ def test_readme_has_a_python_snippet():
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(index, capsys):
+def test_readme_snippet_runs(index, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # snippets may write files
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {})
     assert "bits/weight" in capsys.readouterr().out
 
