@@ -9,7 +9,6 @@ behind the defaults was made on the validation split (see BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -76,30 +75,28 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     fp_accuracy = evaluate(model, splits.test, splits, config.device)
     rows = []
 
-    fp_bytes = None
-    folder = Path(tempfile.mkdtemp(prefix="qareg-demo-"))  # compressed files, to weigh them
-
-    def add_row(method: str, k: int, network: torch.nn.Module, report) -> None:
-        nonlocal fp_bytes
+    def add_row(method: str, k: int, network: torch.nn.Module, report, folder: str) -> int:
+        """Test, compress and weigh `network`; returns the float32 file size for reference."""
         accuracy = evaluate(network, splits.test, splits, config.device)
-        stored = save_compressed(network, folder / f"{method}-k{k}.qz",
+        stored = save_compressed(network, Path(folder) / f"{method}-k{k}.qz",
                                  meta={"method": method, "k": k, "seed": config.seed})
-        fp_bytes = stored.float32_bytes
         rows.append({"method": method, "k": k, "bits_per_weight": report.bits_per_weight,
                      "accuracy": accuracy, "drop": fp_accuracy - accuracy,
                      "file_bytes": stored.file_bytes,
                      "compression_ratio": stored.compression_ratio})
+        return stored.float32_bytes
 
-    for k in config.ks:
-        ptq = prepare(copy.deepcopy(model), k, seed=config.seed)
-        add_row("ptq-kmeans", k, ptq, convert_with_data(ptq, splits, fp_config))
-    for k in config.ks:
-        reg_config = config.regularizer(k)
-        tuned = prepare(copy.deepcopy(model), k, init=reg_config.init, seed=config.seed)
-        train(tuned, splits, config.fine_tuning(), reg_config, augment=False, progress=progress,
-              description=f"qareg k={k}")
-        add_row("qareg", k, tuned, convert_with_data(tuned, splits, fp_config))
-    shutil.rmtree(folder)
+    with tempfile.TemporaryDirectory(prefix="qareg-demo-") as folder:  # files only weighed
+        for k in config.ks:
+            ptq = prepare(copy.deepcopy(model), k, seed=config.seed)
+            fp_bytes = add_row("ptq-kmeans", k, ptq, convert_with_data(ptq, splits, fp_config),
+                               folder)
+        for k in config.ks:
+            reg_config = config.regularizer(k)
+            tuned = prepare(copy.deepcopy(model), k, init=reg_config.init, seed=config.seed)
+            train(tuned, splits, config.fine_tuning(), reg_config, augment=False,
+                  progress=progress, description=f"qareg k={k}")
+            add_row("qareg", k, tuned, convert_with_data(tuned, splits, fp_config), folder)
     return {
         "full_precision": {"accuracy": fp_accuracy, "file_bytes": fp_bytes},
         "rows": rows,

@@ -169,7 +169,8 @@ def save_compressed(
     quantized = quantized_tensors(model)
     if not quantized:
         raise ConfigError("the model has no codebooks: prepare and convert it first")
-    skip = _codebook_keys(model)
+    codebook_keys = _codebook_keys(model)
+    skip = set(codebook_keys)
     tensors: dict[str, torch.Tensor] = {}
     entries = []
     for t in quantized:
@@ -204,7 +205,7 @@ def save_compressed(
         "quantized": entries,
         "raw": list(raw),
         "meta": {**(meta or {}), **provenance()},
-        "float32_bytes": _float32_safetensors_bytes(model, _codebook_keys(model)),
+        "float32_bytes": _float32_safetensors_bytes(model, codebook_keys),
         "checksums": {key: _digest(_tensor_bytes(value)) for key, value in tensors.items()},
     }
     text = json.dumps(header, sort_keys=True)
@@ -241,8 +242,8 @@ def _fail(path: Path, message: str) -> CompressedFileError:
     return CompressedFileError(f"{str(path)!r}: {message}")
 
 
-def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(safetensors header without metadata, qareg header), both checked."""
+def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(safetensors header without metadata, qareg header, offset of the data), checked."""
     if len(data) < 8:
         raise _fail(path, f"{len(data)} bytes: too short for a safetensors file")
     (length,) = struct.unpack("<Q", data[:8])
@@ -266,15 +267,14 @@ def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any
     if header.get("format_version") != FORMAT_VERSION:
         raise _fail(path, f"format version {header.get('format_version')!r}; this qareg "
                     f"reads version {FORMAT_VERSION}")
-    return layout, header
+    return layout, header, 8 + length
 
 
-def _read_tensors(path: Path, data: bytes, layout: dict[str, Any], header: dict[str, Any]
-                  ) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, data: bytes, layout: dict[str, Any], header: dict[str, Any],
+                  base: int) -> dict[str, torch.Tensor]:
     checksums = header["checksums"]
     if set(layout) != set(checksums):
         raise _fail(path, "the tensors in the file differ from those its header lists")
-    base = 8 + struct.unpack("<Q", data[:8])[0]
     view = memoryview(data)
     for key, entry in layout.items():
         start, end = entry["data_offsets"]
@@ -294,8 +294,8 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], in
         raise CompressedFileError(f"{str(path)!r} does not exist or is not a file")
     data = path.read_bytes()
     try:
-        layout, header = _read_header(path, data)
-        tensors = _read_tensors(path, data, layout, header)
+        layout, header, base = _read_header(path, data)
+        tensors = _read_tensors(path, data, layout, header, base)
         _check_entries(path, header, tensors)
     except CompressedFileError:
         raise
@@ -317,8 +317,9 @@ def _check_entries(path: Path, header: dict[str, Any], tensors: dict[str, torch.
                         f"dtype {codebook.dtype}; expected ({k},) float32 or float16")
         if tensors[f"indices/{e['name']}"].dtype != torch.uint8:
             raise _fail(path, f"index stream of {e['name']!r} is not uint8")
-    for key in header["raw"]:
-        tensors[f"raw/{key}"]  # KeyError -> malformed
+    missing = [key for key in header["raw"] if f"raw/{key}" not in tensors]
+    if missing:
+        raise _fail(path, f"the header lists raw tensors the file lacks: {missing[:10]}")
 
 
 def is_compressed_file(path: str | Path) -> bool:
