@@ -1,8 +1,17 @@
 import math
 
 import pytest
+import torch
 
-from qareg.config import DataConfig, RegularizerConfig, TrainConfig, as_dict, from_dict
+from qareg.config import (
+    DataConfig,
+    RegularizerConfig,
+    TrainConfig,
+    as_dict,
+    check_device,
+    from_dict,
+    load_yaml,
+)
 from qareg.errors import ConfigError
 
 
@@ -26,11 +35,44 @@ from qareg.errors import ConfigError
         (RegularizerConfig, {"layer_weights": {"a": -1}}, "layer_weights\\['a'\\] must be"),
         (DataConfig, {"dataset": "mnist"}, "dataset must be one of cifar10, fashion-mnist"),
         (DataConfig, {"val_size": -3}, "val_size must be an integer >= 0, got -3"),
+        (DataConfig, {"data_dir": ""}, "data_dir must be a folder name, or null"),
+        (DataConfig, {"augment": "no"}, "augment must be true or false, got 'no'"),
+        (TrainConfig, {"device": "gpu"}, "device must be a device, one of cpu, cuda, cuda:N, mps"),
+        (RegularizerConfig, {"include": ["a", ""]}, "include has an empty pattern"),
+        (RegularizerConfig, {"exclude": None}, "exclude must be a list of glob patterns, got None"),
+        (RegularizerConfig, {"layer_weights": {"": 1.0}}, "layer_weights keys must be non-empty"),
+        (RegularizerConfig, {"temperature_final": 0.01}, "temperature_final only applies with "
+                                                         "variant soft"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(cls, values, message):
     with pytest.raises(ConfigError, match=message):
         cls(**values)
+
+
+def test_devices_must_exist_on_this_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("device", "cuda:1")
+    with pytest.raises(ConfigError, match="has 2 CUDA device\\(s\\), cuda:0 to cuda:1"):
+        check_device("device", "cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
+        TrainConfig(device="cuda")
+    assert TrainConfig(device="cpu").device == "cpu"
+
+
+def test_yaml_reads_exponents_as_numbers_and_rejects_duplicate_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n  epochs: 3\n")
+    assert load_yaml(path) == {"train": {"lr": 0.001, "weight_decay": 0.0005, "epochs": 3}}
+    path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="found duplicate key 'lr'"):
+        load_yaml(path)
+
+
+def test_data_dir_may_be_a_path_and_is_kept_as_text(tmp_path):
+    assert DataConfig(data_dir=tmp_path).data_dir == str(tmp_path)
 
 
 def test_unknown_key_lists_the_valid_ones():
@@ -55,7 +97,7 @@ def test_lambda_schedules_ramp_over_the_given_fraction(schedule, expected):
 
 
 def test_temperature_anneals_geometrically():
-    config = RegularizerConfig(temperature=0.1, temperature_final=0.001)
+    config = RegularizerConfig(variant="soft", temperature=0.1, temperature_final=0.001)
     assert config.temperature_at(0.0) == pytest.approx(0.1)
     assert config.temperature_at(0.5) == pytest.approx(0.01)
     assert config.temperature_at(1.0) == pytest.approx(0.001)

@@ -66,3 +66,12 @@ def test_training_stops_with_a_clear_message_when_the_loss_diverges(tiny_splits)
 def test_regularizer_needs_a_prepared_model(tiny_splits):
     with pytest.raises(qareg.QaregError, match="prepared with codebooks"):
         train(lenet(), tiny_splits, TrainConfig(epochs=1), RegularizerConfig(), progress=False)
+
+
+def test_bf16_autocast_trains_and_keeps_parameters_in_float32(tiny_splits):
+    model = qareg.prepare(lenet(), k=4)
+    config = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=2e-3, precision="bf16")
+    history = train(model, tiny_splits, config, RegularizerConfig(k=4, lam=10.0), progress=False)
+    assert history[-1].val_accuracy > 60.0
+    assert history[-1].task_loss < history[0].task_loss
+    assert all(p.dtype == torch.float32 for p in model.parameters())

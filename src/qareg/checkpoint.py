@@ -40,8 +40,10 @@ def atomic_write(path: str | Path, write: Any) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Save `model` (built by `create_model`) with `meta` (config, seed, metrics...)."""
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> None:
+    """Save `model` (built by `create_model`) with `meta` (config, seed, metrics...) and,
+    for a run still training, the `train_state` that `qareg.engine.train` hands out."""
     spec = getattr(model, "qareg_model_spec", None)
     assert spec is not None, "save_checkpoint needs a model built by qareg.create_model"
     payload = {
@@ -51,11 +53,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": {**meta, **provenance()},
     }
+    if train_state is not None:
+        payload["train_state"] = train_state
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The model saved at `path` (codebooks restored) on `device`, and its metadata."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path` as saved (model_spec, state_dict, meta, maybe train_state),
+    read without running any code from the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
@@ -70,7 +75,18 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
             f"{str(path)!r} has checkpoint format version {payload.get('format_version')!r}; "
             f"this qareg reads version {FORMAT_VERSION}"
         )
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], device: str = "cpu") -> nn.Module:
+    """The network of a checkpoint read by `read_checkpoint`, codebooks restored."""
     model = create_model(**payload["model_spec"])
     prepare_like(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
-    return model.to(device), payload["meta"]
+    return model.to(device)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The model saved at `path` (codebooks restored) on `device`, and its metadata."""
+    payload = read_checkpoint(path)
+    return model_from_checkpoint(payload, device), payload["meta"]

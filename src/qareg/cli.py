@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qareg.errors import QaregError
+from qareg.errors import ConfigError, QaregError
 
 SECTIONS = {"data": "DataConfig", "train": "TrainConfig", "regularizer": "RegularizerConfig"}
 
@@ -86,10 +87,14 @@ def _read_yaml(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "config", None) is None:
         return {}
     values = load_yaml(args.config)
-    unknown = sorted(set(values) - set(SECTIONS))
+    unknown = sorted(set(values) - set(SECTIONS), key=str)  # YAML keys may be numbers too
     if unknown:
-        raise QaregError(f"unknown section(s) {', '.join(unknown)} in {args.config!r}; valid "
-                         f"sections: {', '.join(SECTIONS)}")
+        raise QaregError(f"unknown section(s) {', '.join(map(str, unknown))} in "
+                         f"{args.config!r}; valid sections: {', '.join(SECTIONS)}")
+    for section, body in values.items():
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"section {section!r} in {args.config!r} must be a mapping of "
+                              f"keys to values, got {body!r}")
     return values
 
 
@@ -100,9 +105,18 @@ def _check_output(path: str | None, flag: str = "--out") -> None:
     target = Path(path)
     if target.is_dir():
         raise QaregError(f"{flag} {path!r} is a folder; give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise QaregError(f"{flag} {path!r}: {str(parent)!r} is not a folder")
+    parent = Path(os.path.abspath(target)).parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # created if missing
+    if not existing.is_dir():
+        raise QaregError(f"{flag} {path!r}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path!r}: no permission to write in {str(existing)!r}")
+
+
+def _check_not_input(path: str, flag: str, source: str) -> None:
+    """Writing `path` must not replace the file `source` that the command reads."""
+    if Path(path).resolve() == Path(source).resolve():
+        raise ConfigError(f"{flag} {path!r} is the input file; give another file name")
 
 
 def _print_config(**configs: Any) -> None:
@@ -114,15 +128,64 @@ def _print_config(**configs: Any) -> None:
 # ----------------------------------------------------------------------------- train
 
 
+def _unfinished_run(path: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it holds a run that stopped before its last epoch."""
+    from qareg.checkpoint import read_checkpoint
+
+    if not Path(path).is_file():
+        return None
+    payload = read_checkpoint(path)
+    return payload if "train_state" in payload else None
+
+
+def _resumed_sections(saved: dict[str, Any], yaml_values: dict[str, Any]) -> dict[str, Any]:
+    """Config sections for resuming: the saved run's, with the YAML file's on top (the
+    result must then equal the saved run's; see `_check_same_run`)."""
+    return {section: {**(saved.get(section) or {}), **(yaml_values.get(section) or {})}
+            for section in SECTIONS}
+
+
+def _check_same_run(saved: dict[str, Any], built: dict[str, Any], path: str) -> None:
+    """Resuming continues the same run: only the device may change."""
+    from qareg.config import as_dict
+
+    changed = []
+    for section, config in built.items():
+        now = as_dict(config) if config is not None else None
+        before = saved.get(section)
+        if now is None or before is None:
+            if now != before:
+                changed.append(section)
+            continue
+        changed += [f"{section}.{k}" for k in now if k != "device" and now[k] != before.get(k)]
+    if changed:
+        raise QaregError(f"--resume continues the run saved in {path!r}, but {', '.join(changed)} "
+                         "differ from it; drop those flags, or start a new run with another --out")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from qareg import prepare, quantized_tensors
-    from qareg.checkpoint import load_checkpoint, save_checkpoint
+    from qareg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from qareg.config import DataConfig, RegularizerConfig, TrainConfig, as_dict
     from qareg.data import load_dataset
-    from qareg.engine import evaluate, train
+    from qareg.distributed import init_from_env, leave_process_group
+    from qareg.engine import TrainingDiverged, evaluate, train
     from qareg.models import create_model
 
     yaml_values = _read_yaml(args)
+    _check_output(args.out)
+    unfinished = _unfinished_run(args.out)
+    if unfinished is not None and not args.resume:
+        state = unfinished["train_state"]
+        total = unfinished["meta"]["config"]["train"]["epochs"]
+        raise QaregError(f"{args.out!r} holds an unfinished run (epoch {state['epoch']} of "
+                         f"{total}); pass --resume to continue it, or choose another --out")
+    saved_meta = unfinished["meta"] if unfinished is not None else None
+    if saved_meta is not None:
+        yaml_values = _resumed_sections(saved_meta["config"], yaml_values)
+        args.method = args.method or saved_meta["method"]
+        args.init_from = args.init_from or saved_meta["init_from"]
+    args.method = args.method or "fp"
     data_cfg = _build(DataConfig, "data", yaml_values, args)
     train_cfg = _build(TrainConfig, "train", yaml_values, args)
     if args.method == "qareg":
@@ -131,19 +194,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         reg_cfg = None
         given = [_flag(f.name) for f in dataclasses.fields(RegularizerConfig)
                  if getattr(args, f.name, None) is not None]
-        if given or yaml_values.get("regularizer"):
+        if given or (saved_meta is None and yaml_values.get("regularizer")):
             raise QaregError(f"{', '.join(given) or 'the regularizer section'} only applies "
                              "with --method qareg")
-    _check_output(args.out)
+    if saved_meta is not None:
+        _check_same_run(saved_meta["config"],
+                        {"data": data_cfg, "train": train_cfg, "regularizer": reg_cfg}, args.out)
+        if (args.method, args.init_from) != (saved_meta["method"], saved_meta["init_from"]):
+            raise QaregError(f"--resume continues the run saved in {args.out!r}: --method "
+                             f"{saved_meta['method']} --init-from {saved_meta['init_from']}")
     if args.metrics is None:
         args.metrics = str(Path(args.out).with_suffix(".metrics.jsonl"))
     _check_output(args.metrics, "--metrics")
+    if Path(args.metrics).resolve() == Path(args.out).resolve():
+        raise ConfigError(f"--metrics {args.metrics!r} is also --out; give another file name")
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise QaregError(f"--init-from {args.init_from!r} does not exist or is not a file")
+    if args.init_from is not None:
+        _check_not_input(args.out, "--out", args.init_from)
     splits = load_dataset(data_cfg.dataset, data_cfg.data_dir, download=data_cfg.download,
                           val_size=data_cfg.val_size, split_seed=data_cfg.split_seed)
+    world, device = init_from_env(train_cfg.device)
+    train_cfg = dataclasses.replace(train_cfg, device=device)
     torch.manual_seed(train_cfg.seed)
-    if args.init_from is not None:
+    if unfinished is not None:
+        model = model_from_checkpoint(unfinished, device)
+    elif args.init_from is not None:
         model, _ = load_checkpoint(args.init_from)
         spec = model.qareg_model_spec
         if args.model is not None and spec["name"] != train_cfg.model:
@@ -167,11 +243,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if reg_cfg is not None and not existing:
         prepare(model, reg_cfg.k, include=reg_cfg.include or None, exclude=reg_cfg.exclude,
                 init=reg_cfg.init, seed=train_cfg.seed)
-    _print_config(data=data_cfg, train=train_cfg, **({"regularizer": reg_cfg} if reg_cfg else {}))
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text("")  # this run's metrics only
-    history = train(model, splits, train_cfg, reg_cfg, augment=data_cfg.augment,
-                    metrics_path=args.metrics, progress=not args.no_progress)
+    if reg_cfg is not None:  # now, not at the first step, after the metrics file is written
+        from qareg.quantize import _check_patterns_match
+
+        _check_patterns_match(reg_cfg.layer_weights, [t.name for t in quantized_tensors(model)],
+                              "layer_weights pattern")
     meta = {
         "method": args.method,
         "config": {"data": as_dict(data_cfg), "train": as_dict(train_cfg),
@@ -179,9 +255,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": train_cfg.seed,
         "converted": False,
         "init_from": args.init_from,
-        "val_accuracy": history[-1].val_accuracy if history else None,
     }
-    save_checkpoint(args.out, model, meta)
+    if world.is_main:
+        _print_config(data=data_cfg, train=train_cfg,
+                      **({"regularizer": reg_cfg} if reg_cfg else {}))
+        if unfinished is None:
+            Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.metrics).write_text("")  # this run's metrics only
+        else:
+            print(f"resuming {args.out} after epoch {unfinished['train_state']['epoch']}")
+    saved_epoch = unfinished["train_state"]["epoch"] if unfinished is not None else 0
+
+    def save_state(state: dict[str, Any]) -> None:  # every epoch: a checkpoint to resume from
+        nonlocal saved_epoch
+        save_checkpoint(args.out, model, meta, train_state=state)
+        saved_epoch = state["epoch"]
+
+    try:
+        history = train(model, splits, train_cfg, reg_cfg, augment=data_cfg.augment,
+                        metrics_path=args.metrics, progress=not args.no_progress,
+                        save_state=save_state,
+                        resume=unfinished["train_state"] if unfinished is not None else None)
+    except TrainingDiverged as error:
+        kept = (f"the last good checkpoint (epoch {saved_epoch}) is kept in {args.out!r}; "
+                "resume it with --resume after lowering the learning rate or lambda"
+                if saved_epoch else "no epoch finished, so nothing was saved")
+        raise TrainingDiverged(f"{error}; {kept}") from None
+    finally:
+        leave_process_group(world)
+    if not world.is_main:
+        return 0
+    meta["val_accuracy"] = history[-1].val_accuracy if history else None
+    save_checkpoint(args.out, model, meta)  # finished: no optimizer state to carry
     print(f"saved {args.out}")
     if len(splits.val):
         accuracy = evaluate(model, splits.val, splits, train_cfg.device)
@@ -209,22 +314,33 @@ def _data_for(meta: dict[str, Any], args: argparse.Namespace):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qareg import prepare, quantized_tensors
     from qareg.checkpoint import load_checkpoint, save_checkpoint
-    from qareg.config import TrainConfig
+    from qareg.cluster1d import INITS
+    from qareg.config import TrainConfig, check_choice, check_device, check_int
     from qareg.engine import convert_with_data, evaluate
+    from qareg.quantize import MAX_K
 
+    if args.k is not None:
+        check_int("--k", args.k, 2, MAX_K)
+    if args.init is not None:
+        check_choice("--init", args.init, INITS)
+    check_int("--bn-batches", args.bn_batches, 1)
+    check_int("--seed", args.seed, 0)
+    check_device("--device", args.device)
     _check_output(args.out)
+    _check_not_input(args.out, "--out", args.checkpoint)
     model, meta = load_checkpoint(args.checkpoint, args.device)
     if meta.get("converted"):
         raise QaregError(f"{args.checkpoint!r} is already quantized")
     prepared = quantized_tensors(model)
-    if prepared and args.k is not None:
-        raise QaregError(f"{args.checkpoint!r} already has codebooks (trained with the "
-                         "regularizer); omit --k to snap to them")
+    for flag, value in (("--k", args.k), ("--init", args.init)):
+        if prepared and value is not None:
+            raise QaregError(f"{args.checkpoint!r} already has codebooks (trained with the "
+                             f"regularizer); omit {flag} to snap to them")
     if not prepared:
         if args.k is None:
             raise QaregError(f"{args.checkpoint!r} has no codebooks: give --k for "
                              "post-training quantization")
-        prepare(model, args.k, init=args.init, seed=args.seed)
+        prepare(model, args.k, init=args.init or "kmeans", seed=args.seed)
     splits = _data_for(meta, args)
     config = TrainConfig(model=model.qareg_model_spec["name"], device=args.device,
                          bn_batches=args.bn_batches, seed=args.seed)
@@ -245,8 +361,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qareg.checkpoint import load_checkpoint
     from qareg.compress import inspect_compressed, is_compressed_file, load_compressed
+    from qareg.config import check_device
     from qareg.engine import evaluate
 
+    check_device("--device", args.device)
     if is_compressed_file(args.checkpoint):
         meta = inspect_compressed(args.checkpoint).meta
         model = load_compressed(args.checkpoint, device=args.device)
@@ -268,6 +386,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from qareg.compress import save_compressed
 
     _check_output(args.out)
+    _check_not_input(args.out, "out", args.checkpoint)
     model, meta = load_checkpoint(args.checkpoint)
     if not meta.get("converted"):
         raise QaregError(f"{args.checkpoint!r} is not quantized yet: run `qareg quantize "
@@ -324,9 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a network, in full precision or with the regularizer")
-    p.add_argument("--method", choices=("fp", "qareg"), default="fp",
-                   help="fp: full precision; qareg: with the quantization-aware regularizer")
-    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--method", choices=("fp", "qareg"), default=None,
+                   help="fp: full precision (the default); qareg: with the quantization-aware "
+                   "regularizer")
+    p.add_argument("--out", required=True, help="checkpoint file to write; it is rewritten "
+                   "after every epoch, atomically, with what --resume needs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run saved in --out (a fresh start if there is "
+                   "none)")
     p.add_argument("--metrics", help="JSON-lines file of per-epoch metrics "
                    "(default: OUT with the suffix .metrics.jsonl)")
     p.add_argument("--init-from", help="fine-tune this checkpoint instead of a new network")
@@ -342,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="quantized checkpoint to write")
     p.add_argument("--k", type=int, help="representatives per tensor (post-training only)")
-    p.add_argument("--init", default="kmeans", help="codebook init for post-training k-means")
+    p.add_argument("--init", help="codebook init for post-training k-means: linear, "
+                   "quantile, kmeans++ or kmeans (default)")
     p.add_argument("--bn-batches", type=int, default=50,
                    help="training batches to re-estimate batch norm")
     p.add_argument("--seed", type=int, default=0)
@@ -398,8 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except QaregError as error:
+        from qareg.engine import TrainingDiverged
+
         print(f"qareg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, TrainingDiverged) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from qareg.cluster1d import INITS
 from qareg.errors import ConfigError
@@ -20,6 +24,7 @@ from qareg.quantize import MAX_K
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
+PRECISIONS = ("fp32", "bf16")
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
 
@@ -47,6 +52,39 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):  # YAML's "yes" in quotes, or 1, would pass as truthy
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def check_folder(name: str, value: Any) -> None:
+    """`value` must be None or a non-empty folder name (whether it exists is the loader's
+    business: it names the files it looked for)."""
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+        raise ConfigError(f"{name} must be a folder name, or null for the default; got {value!r}")
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps"
+
+
+def check_device(name: str, value: Any) -> None:
+    """`value` must be a device this machine has: cpu, cuda, cuda:N or mps."""
+    match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", value) if isinstance(value, str) else None
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise ConfigError(f"{name} must be a device, one of {DEVICE_FORMS}; got {value!r}")
+    if match[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{name} {value!r}: CUDA is not available on this machine; "
+                              "use --device cpu")
+        if match[2] is not None and int(match[2]) >= count:
+            raise ConfigError(f"{name} {value!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if match[1] == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{name} {value!r}: MPS is not available on this machine; "
+                          "use --device cpu")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and how the validation split is carved."""
@@ -62,8 +100,13 @@ class DataConfig:
         from qareg.data import list_datasets
 
         check_choice("dataset", self.dataset, tuple(list_datasets()))
+        check_folder("data_dir", self.data_dir)
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(self.data_dir))  # a Path: JSON-friendly
+        check_bool("download", self.download)
         check_int("val_size", self.val_size, 0)
         check_int("split_seed", self.split_seed, 0)
+        check_bool("augment", self.augment)
 
 
 @dataclass(frozen=True)
@@ -79,8 +122,10 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 on the network's parameters; never on codebooks
     lr_schedule: str = "cosine"  # cosine, onecycle or constant, stepped every batch
     seed: int = 0  # model initialisation and batch order
-    device: str = "cpu"  # torch device string, e.g. cpu or cuda
+    device: str = "cpu"  # cpu, cuda, cuda:N or mps; must exist on this machine
     bn_batches: int = 50  # training batches to re-estimate batch norm after convert
+    precision: str = "fp32"  # fp32, or bf16: forward passes under bfloat16 autocast
+    deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms)
 
     def __post_init__(self) -> None:
         from qareg.models import list_models
@@ -94,7 +139,10 @@ class TrainConfig:
         check_float("weight_decay", self.weight_decay, 0)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_int("seed", self.seed, 0)
+        check_device("device", self.device)
         check_int("bn_batches", self.bn_batches, 1)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_bool("deterministic", self.deterministic)
 
 
 @dataclass(frozen=True)
@@ -122,6 +170,9 @@ class RegularizerConfig:
         check_float("temperature", self.temperature, 0, low_open=True)
         if self.temperature_final is not None:
             check_float("temperature_final", self.temperature_final, 0, low_open=True)
+            if self.variant != "soft":  # would be ignored: only the soft-min has a temperature
+                raise ConfigError(f"temperature_final only applies with variant soft; variant "
+                                  f"is {self.variant!r}")
         check_float("lam", self.lam, 0)
         check_choice("lam_schedule", self.lam_schedule, LAMBDA_SCHEDULES)
         check_float("ramp", self.ramp, 0, 1, low_open=True)
@@ -129,13 +180,19 @@ class RegularizerConfig:
         check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
         for name in ("include", "exclude"):
             value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a list of glob patterns, got {value!r}")
+            if "" in value:
+                raise ConfigError(f"{name} has an empty pattern in {list(value)!r}; give glob "
+                                  "patterns such as 'features.*.weight'")
             object.__setattr__(self, name, tuple(value))
         if not isinstance(self.layer_weights, dict):
             raise ConfigError(f"layer_weights must map patterns to numbers, got "
                               f"{self.layer_weights!r}")
         for pattern, weight in self.layer_weights.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ConfigError(f"layer_weights keys must be non-empty glob patterns, got "
+                                  f"{pattern!r}")
             check_float(f"layer_weights[{pattern!r}]", weight, 0)
 
     def temperature_at(self, progress: float) -> float:
@@ -161,13 +218,42 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where or cls.__name__} must be a mapping, got {values!r}")
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(set(values) - set(valid), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}"
             f"{' in ' + where if where else ''}; valid keys: {', '.join(valid)}"
         )
     return cls(**values)
+
+
+def _strict_yaml_loader() -> type:
+    """yaml.SafeLoader that rejects duplicate keys (the last would silently win) and reads
+    1e-3 as a number (YAML 1.1 reads it as text unless written 1.0e-3)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return StrictLoader
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -175,11 +261,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {error}") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.load(text, Loader=_strict_yaml_loader()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
     if not isinstance(values, dict):

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from qareg.compress import save_compressed
-from qareg.config import RegularizerConfig, TrainConfig, as_dict, check_int
+from qareg.config import RegularizerConfig, TrainConfig, as_dict, check_folder, check_int
 from qareg.data import load_dataset
 from qareg.engine import convert_with_data, evaluate, train
 from qareg.errors import ConfigError
 from qareg.models import create_model
 from qareg.provenance import provenance
-from qareg.quantize import prepare
+from qareg.quantize import prepare, select_tensors
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,13 @@ class DemoConfig:
         TrainConfig(model=self.model, epochs=self.epochs, seed=self.seed, device=self.device)
         check_int("qareg_epochs", self.qareg_epochs, 1)
         check_int("val_size", self.val_size, 0)
-        if not self.ks:
-            raise ConfigError("ks must name at least one k")
+        check_folder("data_dir", self.data_dir)
+        if not isinstance(self.ks, (list, tuple)) or not self.ks:
+            raise ConfigError(f"ks must be a list of at least one k, got {self.ks!r}")
         for k in self.ks:
             RegularizerConfig(k=k, lam=self.lam)
+        if len(set(self.ks)) != len(self.ks):
+            raise ConfigError(f"ks must not repeat a k, got {list(self.ks)!r}")
         object.__setattr__(self, "ks", tuple(self.ks))
 
     def full_precision(self) -> TrainConfig:
@@ -71,6 +74,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     model = create_model(config.model, splits.num_classes, splits.in_channels,
                          splits.input_size).to(config.device)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    smallest = min(select_tensors(model), key=sizes.__getitem__)
+    if max(config.ks) > sizes[smallest]:  # fail now, not after training in full precision
+        raise ConfigError(f"ks: k={max(config.ks)} is larger than tensor {smallest!r} of "
+                          f"{config.model} with {sizes[smallest]} entries; k must be at most that")
     train(model, splits, fp_config, augment=False, progress=progress, description="full precision")
     fp_accuracy = evaluate(model, splits.test, splits, config.device)
     rows = []

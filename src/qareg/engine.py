@@ -11,20 +11,24 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from qareg.config import RegularizerConfig, TrainConfig
 from qareg.data import BatchLoader, DatasetSplits, TensorData
-from qareg.errors import QaregError
+from qareg.distributed import current_world, mean_over_ranks, shard
+from qareg.errors import ConfigError, QaregError
 from qareg.quantize import ConversionReport, convert, penalty, quantized_tensors
 
 
@@ -115,13 +119,36 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _check_finite(model: nn.Module, value: float, epoch: int) -> None:
+def _check_finite_loss(value: float, epoch: int) -> None:
     if not math.isfinite(value):
         raise TrainingDiverged(f"the training loss became {value} in epoch {epoch}; try a "
                                "lower learning rate or lambda")
+
+
+def _check_finite(model: nn.Module, value: float, epoch: int) -> None:
+    _check_finite_loss(value, epoch)
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise TrainingDiverged(f"parameter {name!r} became NaN or infinite in epoch {epoch}")
+
+
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _autocast(config: TrainConfig) -> torch.autocast:
+    """bf16 autocast of the forward pass when `config.precision` asks for it."""
+    device_type = torch.device(config.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
 def train(
@@ -134,12 +161,34 @@ def train(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
     description: str = "train",
 ) -> list[EpochMetrics]:
     """Train `model` (already on `config.device`; prepared with codebooks when `regularizer`
-    is given) for `config.epochs` epochs; returns the metrics of every epoch."""
+    is given) for `config.epochs` epochs; returns the metrics of every epoch.
+
+    After every epoch `save_state(state)` receives what resuming needs besides the model
+    (optimizer, schedule, random states, epoch, metrics so far); `resume=state` continues
+    from it, given the model saved with it: the run then ends with the same weights as one
+    never interrupted. Under a `torch.distributed` process group (see `qareg.distributed`)
+    each rank trains on its share of every batch through DistributedDataParallel; only rank
+    0 writes metrics, calls `save_state` and draws progress bars. `on_step(step)` is called
+    after every optimizer step. `config.deterministic` switches the whole process to
+    deterministic kernels (`torch.use_deterministic_algorithms(True)`), and leaves it so.
+    """
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if regularizer is not None and not quantized_tensors(model):
         raise QaregError("train with a regularizer needs a model prepared with codebooks")
+    world = current_world()
+    if config.batch_size % world.size:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
+                          f"of processes ({world.size}): every rank takes an equal share")
+    device = torch.device(config.device)
     loader = BatchLoader(
         splits.train, config.batch_size, splits.mean, splits.std, shuffle=True, drop_last=True,
         augment=splits.default_augment if augment else None, seed=config.seed,
@@ -148,39 +197,56 @@ def train(
     optimizer = make_optimizer(model, config, regularizer)
     total_steps = config.epochs * len(loader)
     schedule = make_lr_schedule(optimizer, config, total_steps)
-    metrics_file = Path(metrics_path) if metrics_path is not None else None
-    history = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    # DDP averages gradients over ranks; the penalty reads the unwrapped model's tensors.
+    forward = DistributedDataParallel(model) if world.distributed else model
+    metrics_file = Path(metrics_path) if metrics_path is not None and world.is_main else None
+    history: list[EpochMetrics] = []
+    step, first_epoch = 0, 1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["lr_schedule"])
+        loader.generator.set_state(resume["loader_rng"])
+        _set_rng_states(resume["rng"], device)
+        history = [EpochMetrics(**m) for m in resume["history"]]
+        step, first_epoch = resume["step"], resume["epoch"] + 1
+        if metrics_file is not None:  # the lines of the epochs kept, none of a lost one
+            metrics_file.write_text("".join(json.dumps(asdict(m)) + "\n" for m in history))
+    for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        task_sum = torch.zeros((), device=config.device)
-        penalty_sum = torch.zeros((), device=config.device)
+        task_sum = torch.zeros((), device=device)
+        penalty_sum = torch.zeros((), device=device)
         lam = 0.0
-        bar = tqdm(loader, desc=f"{description} {epoch}/{config.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"{description} {epoch}/{config.epochs}",
+                   disable=not progress or not world.is_main, leave=False, dynamic_ncols=True)
         for x, y in bar:
-            task = F.cross_entropy(model(x), y)
-            if regularizer is not None:
+            with _autocast(config):
+                task = F.cross_entropy(forward(shard(x, world)), shard(y, world))
+            if regularizer is not None:  # in float32 outside autocast, identical on every rank
                 progress_fraction = step / max(1, total_steps)
                 lam = regularizer.lambda_at(progress_fraction)
                 temperature = regularizer.temperature_at(progress_fraction)
                 reg = penalty(model, regularizer.variant, temperature=temperature,
                               layer_weights=regularizer.layer_weights)
             else:
-                reg = torch.zeros((), device=config.device)
+                reg = torch.zeros((), device=device)
             loss = task + lam * reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             step += 1
-            task_sum += task.detach()
+            task_sum += task.detach().float()
             penalty_sum += reg.detach()
-            if step % 25 == 0:
+            if step % 25 == 0:  # one host sync now and then: stop early when the loss breaks
+                value = loss.item()
+                _check_finite_loss(value, epoch)
                 bar.set_postfix(loss=f"{task.item():.3f}", reg=f"{reg.item():.2e}")
+            if on_step is not None:
+                on_step(step)
         n = len(loader)
-        task_loss, penalty_mean = task_sum.item() / n, penalty_sum.item() / n
+        task_loss = mean_over_ranks(task_sum, world).item() / n
+        penalty_mean = penalty_sum.item() / n
         _check_finite(model, task_loss + lam * penalty_mean, epoch)
         metrics = EpochMetrics(
             epoch=epoch,
@@ -196,10 +262,20 @@ def train(
             seconds=time.perf_counter() - start,
         )
         history.append(metrics)
+        if world.is_main and save_state is not None:
+            save_state({
+                "epoch": epoch,
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": schedule.state_dict(),
+                "loader_rng": loader.generator.get_state(),
+                "rng": _rng_states(device),
+                "history": [asdict(m) for m in history],
+            })
         if metrics_file is not None:
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
             with metrics_file.open("a") as f:
                 f.write(json.dumps(asdict(metrics)) + "\n")
-        if on_epoch is not None:
+        if on_epoch is not None and world.is_main:
             on_epoch(metrics)
     return history

@@ -113,8 +113,9 @@ def missing_files_error(
     name: str, root: Path, subfolder: str, files: Sequence[str], hint: str = ""
 ) -> DataError:
     """The error for a dataset whose files are in neither `root` nor `root/subfolder`."""
+    absent = "" if root.is_dir() else f" ({root} does not exist or is not a folder)"
     return DataError(
-        f"{name} not found: searched {root} and {root / subfolder} for the files "
+        f"{name} not found: searched {root}{absent} and {root / subfolder} for the files "
         f"{', '.join(files)}. Pass root=... or set ${DATA_ENV} to the folder holding them"
         f" (or its {subfolder}/ subfolder).{' ' + hint if hint else ''}"
     )

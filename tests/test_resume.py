@@ -1,0 +1,148 @@
+"""Crash-safe training: per-epoch checkpoints, --resume, and a run killed with SIGKILL."""
+
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import qareg
+from qareg.checkpoint import load_checkpoint, read_checkpoint
+from qareg.cli import main
+from qareg.config import RegularizerConfig, TrainConfig
+from qareg.engine import train
+
+
+def prepared_lenet():
+    torch.manual_seed(0)
+    return qareg.prepare(qareg.create_model("lenet5", 10, 1, 28), k=4)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical runs need the same kernels: one thread, whatever else runs beside."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resuming_from_any_epoch_gives_the_uninterrupted_weights(tiny_splits, one_thread):
+    config = TrainConfig(epochs=3, batch_size=64, optimizer="adam", lr=2e-3,
+                         lr_schedule="onecycle")
+    regularizer = RegularizerConfig(k=4, lam=100.0)
+    whole = prepared_lenet()
+    states = []
+
+    def keep(state):  # what a checkpoint holds: the model's weights and the train state
+        weights = {k: v.clone() for k, v in whole.state_dict().items()}
+        states.append((weights, copy.deepcopy(state)))  # optimizer tensors change in place
+
+    history = train(whole, tiny_splits, config, regularizer, progress=False, save_state=keep)
+    assert [state["epoch"] for _, state in states] == [1, 2, 3]
+    for weights, state in states[:2]:
+        resumed = prepared_lenet()
+        resumed.load_state_dict(weights)
+        rest = train(resumed, tiny_splits, config, regularizer, progress=False, resume=state)
+        assert_same_weights(resumed.state_dict(), whole.state_dict())
+        assert [m.epoch for m in rest] == [1, 2, 3]
+        assert rest[-1].val_accuracy == history[-1].val_accuracy
+
+
+def train_argv(data_dir, out, epochs=6):
+    return ["train", "--method", "qareg", "--model", "lenet5", "--data-dir", str(data_dir),
+            "--val-size", "200", "--epochs", str(epochs), "--batch-size", "64",
+            "--optimizer", "adam", "--lr", "0.002", "--k", "4", "--lam", "100",
+            "--out", str(out), "--no-progress"]
+
+
+def test_an_unfinished_run_is_not_overwritten_without_resume(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    assert main(train_argv(fashion_dir, out, epochs=2)) == 0
+    finished = read_checkpoint(out)
+    assert "train_state" not in finished  # a finished checkpoint carries no optimizer state
+    unfinished = dict(finished, train_state={"epoch": 1})
+    torch.save(unfinished, out)
+    before = out.read_bytes()
+    assert main(train_argv(fashion_dir, out, epochs=2)) == 2
+    assert "unfinished run (epoch 1 of 2); pass --resume" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_resume_refuses_a_changed_recipe(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "run.pt"
+    main(train_argv(fashion_dir, out, epochs=1))
+    payload = read_checkpoint(out)
+    payload["train_state"] = {"epoch": 0}
+    torch.save(payload, out)
+    before = out.read_bytes()
+    assert main([*train_argv(fashion_dir, out, epochs=1), "--resume", "--lr", "0.01"]) == 2
+    assert "train.lr differ" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def run_cli(argv, env):
+    return subprocess.Popen([sys.executable, "-m", "qareg", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(fashion_dir, tmp_path,
+                                                                       seed):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same kernels
+    reference = tmp_path / "reference.pt"
+    assert run_cli(train_argv(fashion_dir, reference), env).wait() == 0
+
+    killed = tmp_path / "killed.pt"
+    rng = random.Random(seed)
+    process = run_cli(train_argv(fashion_dir, killed), env)
+    while not killed.exists() and process.poll() is None:  # wait for the first epoch
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-epoch or mid-write
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    payload = read_checkpoint(killed)  # never torn: the old file or the new one
+    stopped_after = payload.get("train_state", {}).get("epoch", 6)
+
+    resumed = run_cli([*train_argv(fashion_dir, killed), "--resume"], env)
+    _, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr.decode()
+    final, _ = load_checkpoint(killed)
+    expected, _ = load_checkpoint(reference)
+    assert_same_weights(final.state_dict(), expected.state_dict())
+    metrics = killed.with_suffix(".metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 6, f"stopped after epoch {stopped_after}: {metrics}"
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fashion_dir, tmp_path,
+                                                                     capsys, monkeypatch):
+    import qareg.engine
+
+    calls = 0
+
+    def poisoned(logits, labels):  # NaN from the 41st batch on: epoch 3 of 15-batch epochs
+        nonlocal calls
+        calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if calls > 40 else loss
+
+    monkeypatch.setattr(qareg.engine, "F", type("F", (), {"cross_entropy": staticmethod(poisoned)}))
+    out = tmp_path / "run.pt"
+    assert main(train_argv(fashion_dir, out, epochs=4)) == 1
+    message = capsys.readouterr().err
+    assert "the training loss became nan in epoch 3" in message
+    assert f"the last good checkpoint (epoch 2) is kept in {str(out)!r}" in message
+    payload = read_checkpoint(out)
+    assert payload["train_state"]["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in payload["state_dict"].values())
