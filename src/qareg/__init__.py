@@ -13,6 +13,7 @@ from qareg.compress import (
     save_compressed,
 )
 from qareg.errors import ConfigError, DataError, QaregError
+from qareg.exact_kmeans import kmeans1d
 from qareg.models import create_model, list_models
 from qareg.quantize import ConversionReport, convert, penalty, prepare, quantized_tensors
 
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "create_model",
     "inspect_compressed",
+    "kmeans1d",
     "list_models",
     "load_compressed",
     "penalty",

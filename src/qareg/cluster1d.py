@@ -1,18 +1,23 @@
-"""One-dimensional clustering: initial representatives for a codebook and Lloyd's k-means.
+"""One-dimensional clustering: initial representatives for a codebook and Lloyd's k-means;
+the default init is the exact optimum, `kmeans1d` (in `qareg.exact_kmeans`).
 
 Every function takes a flat tensor of values and returns `k` sorted representatives as a
-float64 tensor of shape (k,). They run on sorted values with prefix sums, so a Lloyd
-iteration costs O(k log N) after one O(N log N) sort, never an N x k matrix.
+float64 tensor of shape (k,). Lloyd runs on sorted values with prefix sums, so an iteration
+costs O(k log N) after one O(N log N) sort, never an N x k matrix.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from qareg.errors import ConfigError
+from qareg.exact_kmeans import KMeansTooLarge, kmeans1d
 
-INITS = ("linear", "quantile", "kmeans++", "kmeans")
+INITS = ("linear", "quantile", "kmeans++", "kmeans", "lloyd")
 
 # k-means++ seeding draws from at most this many values: D^2 sampling costs k passes.
 _KMEANSPP_MAX_VALUES = 1 << 20
@@ -81,8 +86,27 @@ def lloyd(values: Tensor, representatives: Tensor, max_iters: int = 100) -> Tens
     return c
 
 
+def sum_of_squares(values: Tensor | np.ndarray, representatives: Tensor | np.ndarray) -> float:
+    """Sum over `values` of the squared distance to the nearest representative (float64)."""
+    v = torch.as_tensor(values).detach().flatten().double().cpu()
+    c = torch.as_tensor(representatives).detach().flatten().double().cpu().sort().values
+    nearest = torch.bucketize(v, (c[:-1] + c[1:]) / 2)  # (n,) ties go to the lower one
+    return (v - c[nearest]).square().sum().item()
+
+
 def init_kmeans(values: Tensor, k: int) -> Tensor:
-    """Lloyd's k-means started from the quantile initialisation (deterministic)."""
+    """The globally optimal k-means representatives (`kmeans1d`); for a k too large for the
+    exact method on these values (thousands, on millions of values), Lloyd's, with a
+    warning."""
+    try:
+        return kmeans1d(values, k)
+    except KMeansTooLarge as error:
+        warnings.warn(f"{error}; falling back to Lloyd's k-means", stacklevel=2)
+        return init_lloyd(values, k)
+
+
+def init_lloyd(values: Tensor, k: int) -> Tensor:
+    """Lloyd's k-means started from the quantile initialisation (deterministic, local)."""
     return lloyd(values, init_quantile(values, k))
 
 
@@ -98,4 +122,6 @@ def initial_representatives(
         return init_kmeanspp(values, k, generator)
     if method == "kmeans":
         return init_kmeans(values, k)
+    if method == "lloyd":
+        return init_lloyd(values, k)
     raise ConfigError(f"unknown codebook init {method!r}; valid inits: {', '.join(INITS)}")

@@ -150,7 +150,7 @@ class RegularizerConfig:
     """The quantization-aware regularizer: codebooks, penalty and lambda schedule."""
 
     k: int = 4  # representatives per quantized tensor (any k >= 2)
-    init: str = "kmeans"  # codebook initialisation: linear, quantile, kmeans++ or kmeans
+    init: str = "kmeans"  # codebook init: linear, quantile, kmeans++, kmeans (exact) or lloyd
     variant: str = "hard"  # penalty: hard (squared), soft (soft-min) or abs (absolute)
     temperature: float = 0.05  # soft variant only, at the start; in units of scale squared
     temperature_final: float | None = None  # soft: anneal geometrically to this; None: fixed
