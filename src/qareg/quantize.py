@@ -133,7 +133,8 @@ def prepare(
 
     Tensors are chosen by `select_tensors` (Conv and Linear weights by default);
     `k_per_tensor` maps glob patterns to k for some tensors (first match wins); `init` is one
-    of "linear", "quantile", "kmeans++" or "kmeans" (Lloyd from quantiles; the default).
+    of "linear", "quantile", "kmeans++", "kmeans" (the exact optimum, `kmeans1d`; the
+    default) or "lloyd" (Lloyd's local search from quantiles).
     """
     _check_k(k, "")
     k_per_tensor = dict(k_per_tensor or {})
