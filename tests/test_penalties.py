@@ -1,7 +1,31 @@
+from unittest import mock
+
 import pytest
 import torch
 
+from qareg import penalty_kernels
+from qareg.codebook import assign
 from qareg.penalties import VARIANTS, abs_penalty, hard_penalty, soft_penalty, tensor_penalty
+
+
+def _reference_mean_square(w, scale):
+    return w.square().mean().clamp_min((1e-3 * scale).square())
+
+
+def _reference_hard(weights, representatives, scale):
+    """The plain autograd formula that the custom Function replaces."""
+    w = weights.flatten()
+    nearest = representatives[assign(w, representatives)]  # (N,)
+    return (w - nearest).square().mean() / _reference_mean_square(w, scale)
+
+
+def _reference_abs(weights, representatives, scale):
+    w = weights.flatten()
+    nearest = representatives[assign(w, representatives)]  # (N,)
+    return (w - nearest).abs().mean() / _reference_mean_square(w, scale).sqrt()
+
+
+FAST_AND_REFERENCE = [(hard_penalty, _reference_hard), (abs_penalty, _reference_abs)]
 
 
 def setup_tensors(seed=0, n=500, k=4, scale=0.05):
@@ -80,3 +104,59 @@ def test_penalties_are_invariant_to_the_tensor_scale(variant):
     a = tensor_penalty(variant, w, reps, scale, 0.1)
     b = tensor_penalty(variant, w * 1000, reps * 1000, scale * 1000, 0.1)
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+def away_from_midpoints(n, reps, scale, seed, dtype, margin):
+    """n random weights, none within `margin` of a midpoint: finite differences stay on one
+    side of it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g, dtype=dtype) * scale
+    mids = (reps[1:] + reps[:-1]) / 2
+    near = (w.unsqueeze(1) - mids).abs().min(1).values < margin
+    return w[~near]
+
+
+@pytest.mark.parametrize("fast, reference", FAST_AND_REFERENCE)
+@pytest.mark.parametrize("weight_scale", [0.05, 1e-5])  # 1e-5: mean square under the floor
+@pytest.mark.parametrize("table", [False, True])  # the cell table or the binary search
+def test_custom_function_passes_gradcheck(fast, reference, weight_scale, table):
+    reps = (torch.linspace(-2, 2, 5, dtype=torch.float64) * weight_scale).requires_grad_()
+    w = away_from_midpoints(40, reps.detach(), weight_scale, 0, torch.float64,
+                            1e-3 * weight_scale).requires_grad_()
+    scale = torch.tensor(0.05)
+    with mock.patch.object(penalty_kernels, "MIN_CELL_NUMEL", 1 if table else 1 << 30):
+        assert torch.autograd.gradcheck(lambda w, c: fast(w, c, scale), (w, reps),
+                                        eps=1e-6 * weight_scale)
+        assert torch.allclose(fast(w, reps, scale), reference(w, reps, scale), rtol=1e-12)
+
+
+@pytest.mark.parametrize("fast, reference", FAST_AND_REFERENCE)
+@pytest.mark.parametrize("shape", [(60_001,), (64, 32, 3, 3)])
+@pytest.mark.parametrize("chunk", [penalty_kernels.CHUNK, 4096])  # one slice, many slices
+def test_custom_function_matches_the_autograd_formula_in_float32(fast, reference, shape,
+                                                                  chunk, monkeypatch):
+    monkeypatch.setattr(penalty_kernels, "CHUNK", chunk)
+    reps0 = torch.linspace(-0.1, 0.12, 16)  # not a k-means fixed point: clear pulls on c
+    w0 = away_from_midpoints(int(torch.tensor(shape).prod()) + 2000, reps0, 0.05, 1,
+                             torch.float32, 1e-6)[: int(torch.tensor(shape).prod())]
+    grads = []
+    for f in (fast, reference):
+        w = w0.view(shape).clone().requires_grad_()
+        reps = reps0.clone().requires_grad_()
+        value = f(w, reps, torch.tensor(0.05))
+        (3.0 * value).backward()
+        grads.append((value.detach(), w.grad, reps.grad))
+    (v, gw, gc), (rv, rgw, rgc) = grads
+    assert gw.shape == shape
+    assert torch.allclose(v, rv, rtol=1e-5)
+    assert torch.allclose(gw, rgw, rtol=1e-4, atol=1e-5 * rgw.abs().max().item())
+    assert torch.allclose(gc, rgc, rtol=1e-4, atol=1e-5 * rgc.abs().max().item())
+
+
+def test_custom_function_gradient_for_a_non_contiguous_tensor():
+    w = torch.randn(40, 30).t().requires_grad_()  # a transposed view
+    reps = torch.linspace(-2, 2, 4, requires_grad=True)
+    hard_penalty(w, reps, torch.tensor(1.0)).backward()
+    w2 = w.detach().clone().requires_grad_()
+    _reference_hard(w2, reps.detach(), torch.tensor(1.0)).backward()
+    assert torch.allclose(w.grad, w2.grad, rtol=1e-4, atol=1e-7)

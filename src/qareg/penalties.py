@@ -15,6 +15,10 @@ the task for a layer followed by batch norm. The gradient reaches the denominato
 radial part cancels the numerator's, so the penalty neither shrinks nor inflates a layer.
 The denominator never falls below (1e-3 * scale)^2, `scale` being the tensor's scale when
 its codebook was made, so a layer whose weights all approach zero cannot blow up.
+
+The hard and abs terms run as one autograd Function each (`qareg.penalty_kernels`): the
+gradients are written out analytically and only the indices, one byte per weight for
+k <= 256, are kept for backward.
 """
 
 from __future__ import annotations
@@ -22,20 +26,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qareg.codebook import assign
+from qareg.penalty_kernels import NearestPenalty, nearest_indices
 
 VARIANTS = ("hard", "soft", "abs")
 
 
+def _floor(scale: Tensor) -> Tensor:
+    """Smallest mean square used as a denominator: (1e-3 * scale)^2."""
+    return (1e-3 * scale).square()
+
+
 def _mean_square(w: Tensor, scale: Tensor) -> Tensor:
-    return w.square().mean().clamp_min((1e-3 * scale).square())
+    return w.square().mean().clamp_min(_floor(scale))
 
 
 def hard_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
     """Mean squared distance to the nearest representative, over the mean square."""
-    w = weights.flatten()
-    nearest = representatives[assign(w, representatives)]  # (N,)
-    return (w - nearest).square().mean() / _mean_square(w, scale)
+    return NearestPenalty.apply(weights, representatives, _floor(scale), 2)
 
 
 def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
@@ -44,9 +51,7 @@ def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tens
     The pull has constant strength, so weights settle exactly on a representative once it
     exceeds the task gradient, instead of hovering near it as with squared distances.
     """
-    w = weights.flatten()
-    nearest = representatives[assign(w, representatives)]  # (N,)
-    return (w - nearest).abs().mean() / _mean_square(w, scale).sqrt()
+    return NearestPenalty.apply(weights, representatives, _floor(scale), 1)
 
 
 def soft_penalty(
@@ -63,7 +68,7 @@ def soft_penalty(
     """
     w = weights.flatten()
     k = representatives.numel()
-    nearest = assign(w, representatives)  # (N,)
+    nearest = nearest_indices(w, representatives)  # (N,)
     candidates = nearest.unsqueeze(1) + torch.arange(-1, 2, device=w.device)  # (N, 3)
     valid = (candidates >= 0) & (candidates < k)
     reps = representatives[candidates.clamp(0, k - 1)]  # (N, 3)

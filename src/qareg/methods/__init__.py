@@ -1,0 +1,1 @@
+"""Rival compression methods, each a pure tensor function (later a config and a handler too)."""
