@@ -145,12 +145,6 @@ def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _autocast(config: TrainConfig) -> torch.autocast:
-    """bf16 autocast of the forward pass when `config.precision` asks for it."""
-    device_type = torch.device(config.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-
 def train(
     model: nn.Module,
     splits: DatasetSplits,
@@ -189,6 +183,7 @@ def train(
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
                           f"of processes ({world.size}): every rank takes an equal share")
     device = torch.device(config.device)
+    bf16 = config.precision == "bf16"  # forward passes under bfloat16 autocast
     loader = BatchLoader(
         splits.train, config.batch_size, splits.mean, splits.std, shuffle=True, drop_last=True,
         augment=splits.default_augment if augment else None, seed=config.seed,
@@ -220,7 +215,7 @@ def train(
         bar = tqdm(loader, desc=f"{description} {epoch}/{config.epochs}",
                    disable=not progress or not world.is_main, leave=False, dynamic_ncols=True)
         for x, y in bar:
-            with _autocast(config):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 task = F.cross_entropy(forward(shard(x, world)), shard(y, world))
             if regularizer is not None:  # in float32 outside autocast, identical on every rank
                 progress_fraction = step / max(1, total_steps)
