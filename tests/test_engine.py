@@ -6,6 +6,7 @@ import torch
 import qareg
 from qareg.config import RegularizerConfig, TrainConfig
 from qareg.engine import TrainingDiverged, evaluate, make_optimizer, train
+from qareg.methods.codebook_methods import QaregMethod
 from qareg.quantize import quantized_tensors
 
 
@@ -46,7 +47,7 @@ def test_regularized_training_clusters_the_weights(tiny_splits):
 def test_codebooks_get_their_own_group_without_weight_decay(tiny_splits):
     model = qareg.prepare(lenet(), k=4)
     optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1, lr=0.2),
-                               RegularizerConfig(codebook_lr_scale=0.5))
+                               QaregMethod(RegularizerConfig(codebook_lr_scale=0.5)))
     weights, codebooks = optimizer.param_groups
     assert weights["weight_decay"] == 0.1 and codebooks["weight_decay"] == 0.0
     assert codebooks["lr"] == pytest.approx(0.1)

@@ -20,7 +20,8 @@ import torch
 
 from qareg.errors import ConfigError, QaregError
 
-SECTIONS = {"data": "DataConfig", "train": "TrainConfig", "regularizer": "RegularizerConfig"}
+SECTIONS = {"data": "DataConfig", "train": "TrainConfig", "regularizer": "RegularizerConfig",
+            "method": "the config of a rival --method (cpq, lsq, ...)"}
 
 
 def _flag(name: str) -> str:
@@ -163,14 +164,96 @@ def _check_same_run(saved: dict[str, Any], built: dict[str, Any], path: str) -> 
                          "differ from it; drop those flags, or start a new run with another --out")
 
 
+def _initial_model(args: argparse.Namespace, splits: Any, train_cfg: Any) -> tuple[Any, Any]:
+    """The network to train: the --init-from checkpoint's, checked against the data, or a
+    new one; with the train config naming its model."""
+    from qareg.checkpoint import load_checkpoint
+    from qareg.models import create_model
+
+    if args.init_from is None:
+        return create_model(train_cfg.model, splits.num_classes, splits.in_channels,
+                            splits.input_size), train_cfg
+    model, _ = load_checkpoint(args.init_from)
+    spec = model.qareg_model_spec
+    if args.model is not None and spec["name"] != train_cfg.model:
+        raise QaregError(f"--model {train_cfg.model!r} differs from the model in "
+                         f"{args.init_from!r}: {spec['name']!r}")
+    expected = (splits.num_classes, splits.in_channels, splits.input_size)
+    if (spec["num_classes"], spec["in_channels"], spec["input_size"]) != expected:
+        raise QaregError(f"{args.init_from!r} was built for {spec['in_channels']}x"
+                         f"{spec['input_size']}x{spec['input_size']} images and "
+                         f"{spec['num_classes']} classes; {splits.name} has "
+                         f"{expected[1]}x{expected[2]}x{expected[2]} and {expected[0]}")
+    return model, dataclasses.replace(train_cfg, model=spec["name"])
+
+
+def _method_options(args: argparse.Namespace, yaml_values: dict[str, Any]) -> Any:
+    """The config of rival method --method: YAML section `method` < --option KEY=VALUE."""
+    import yaml
+
+    from qareg.config import from_dict
+    from qareg.methods.base import METHODS
+
+    values = dict(yaml_values.get("method") or {})
+    for item in args.option or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option takes KEY=VALUE pairs, got {item!r}")
+        values[key] = yaml.safe_load(text)
+    cls = METHODS.get(args.method).config_class
+    return from_dict(cls, values, where=f"the options of method {args.method!r}")
+
+
+def _train_rival(args: argparse.Namespace, yaml_values: dict[str, Any], data_cfg: Any,
+                 train_cfg: Any) -> int:
+    """`qareg train --method NAME --bits B` for the methods other than fp and qareg: train,
+    quantize at B bits, save the quantized checkpoint (codebooks attached) once at the end."""
+    from qareg.checkpoint import save_checkpoint
+    from qareg.config import as_dict
+    from qareg.data import load_dataset
+    from qareg.engine import evaluate, quantize_with_data, train
+    from qareg.methods import check_bits, create_method
+
+    if args.resume:
+        raise ConfigError(f"--resume is available for --method fp and qareg; a {args.method} run "
+                          "is saved once, after training")
+    if args.bits is None:
+        raise ConfigError(f"--method {args.method} needs --bits (1 to 8)")
+    bits = check_bits(args.bits)
+    method = create_method(args.method, _method_options(args, yaml_values))
+    if args.init_from is not None:
+        _check_not_input(args.out, "--out", args.init_from)
+    splits = load_dataset(data_cfg.dataset, data_cfg.data_dir, download=data_cfg.download,
+                          val_size=data_cfg.val_size, split_seed=data_cfg.split_seed)
+    torch.manual_seed(train_cfg.seed)
+    model, train_cfg = _initial_model(args, splits, train_cfg)
+    model.to(train_cfg.device)
+    method.prepare(model, None if method.post_training else bits, train_cfg.seed)
+    _print_config(data=data_cfg, train=train_cfg, method=method.config)
+    history = train(model, splits, train_cfg, method=method, augment=data_cfg.augment,
+                    metrics_path=args.metrics, progress=not args.no_progress)
+    report = quantize_with_data(method, model, splits, train_cfg, bits)
+    meta = {"method": args.method, "bits": bits, "converted": True, "seed": train_cfg.seed,
+            "init_from": args.init_from,
+            "config": {"data": as_dict(data_cfg), "train": as_dict(train_cfg),
+                       "method": as_dict(method.config)},
+            "val_accuracy": history[-1].val_accuracy if history else None}
+    save_checkpoint(args.out, model, meta)
+    print(report.format_table())
+    print(f"saved {args.out} (quantized at {bits} bits; qareg compress writes it packed)")
+    if len(splits.val):
+        accuracy = evaluate(model, splits.val, splits, train_cfg.device)
+        print(f"validation accuracy after quantization {accuracy:.2f}%")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from qareg import prepare, quantized_tensors
-    from qareg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from qareg.checkpoint import model_from_checkpoint, save_checkpoint
     from qareg.config import DataConfig, RegularizerConfig, TrainConfig, as_dict
     from qareg.data import load_dataset
     from qareg.distributed import init_from_env, leave_process_group
     from qareg.engine import TrainingDiverged, evaluate, train
-    from qareg.models import create_model
 
     yaml_values = _read_yaml(args)
     _check_output(args.out)
@@ -188,6 +271,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.method = args.method or "fp"
     data_cfg = _build(DataConfig, "data", yaml_values, args)
     train_cfg = _build(TrainConfig, "train", yaml_values, args)
+    rival = args.method not in ("fp", "qareg")
+    if not rival and (args.bits is not None or args.option or yaml_values.get("method")):
+        raise ConfigError("--bits, --option and the method section apply to the methods other "
+                          f"than fp and qareg (qareg: --k); got --method {args.method}")
     if args.method == "qareg":
         reg_cfg = _build(RegularizerConfig, "regularizer", yaml_values, args)
     else:
@@ -197,12 +284,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given or (saved_meta is None and yaml_values.get("regularizer")):
             raise QaregError(f"{', '.join(given) or 'the regularizer section'} only applies "
                              "with --method qareg")
-    if saved_meta is not None:
-        _check_same_run(saved_meta["config"],
-                        {"data": data_cfg, "train": train_cfg, "regularizer": reg_cfg}, args.out)
-        if (args.method, args.init_from) != (saved_meta["method"], saved_meta["init_from"]):
-            raise QaregError(f"--resume continues the run saved in {args.out!r}: --method "
-                             f"{saved_meta['method']} --init-from {saved_meta['init_from']}")
     if args.metrics is None:
         args.metrics = str(Path(args.out).with_suffix(".metrics.jsonl"))
     _check_output(args.metrics, "--metrics")
@@ -210,6 +291,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--metrics {args.metrics!r} is also --out; give another file name")
     if args.init_from is not None and not Path(args.init_from).is_file():
         raise QaregError(f"--init-from {args.init_from!r} does not exist or is not a file")
+    if rival:
+        return _train_rival(args, yaml_values, data_cfg, train_cfg)
+    if saved_meta is not None:
+        _check_same_run(saved_meta["config"],
+                        {"data": data_cfg, "train": train_cfg, "regularizer": reg_cfg}, args.out)
+        if (args.method, args.init_from) != (saved_meta["method"], saved_meta["init_from"]):
+            raise QaregError(f"--resume continues the run saved in {args.out!r}: --method "
+                             f"{saved_meta['method']} --init-from {saved_meta['init_from']}")
     if args.init_from is not None:
         _check_not_input(args.out, "--out", args.init_from)
     splits = load_dataset(data_cfg.dataset, data_cfg.data_dir, download=data_cfg.download,
@@ -219,22 +308,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(train_cfg.seed)
     if unfinished is not None:
         model = model_from_checkpoint(unfinished, device)
-    elif args.init_from is not None:
-        model, _ = load_checkpoint(args.init_from)
-        spec = model.qareg_model_spec
-        if args.model is not None and spec["name"] != train_cfg.model:
-            raise QaregError(f"--model {train_cfg.model!r} differs from the model in "
-                             f"{args.init_from!r}: {spec['name']!r}")
-        expected = (splits.num_classes, splits.in_channels, splits.input_size)
-        if (spec["num_classes"], spec["in_channels"], spec["input_size"]) != expected:
-            raise QaregError(f"{args.init_from!r} was built for {spec['in_channels']}x"
-                             f"{spec['input_size']}x{spec['input_size']} images and "
-                             f"{spec['num_classes']} classes; {data_cfg.dataset} has "
-                             f"{expected[1]}x{expected[2]}x{expected[2]} and {expected[0]}")
-        train_cfg = dataclasses.replace(train_cfg, model=spec["name"])
     else:
-        model = create_model(train_cfg.model, splits.num_classes, splits.in_channels,
-                             splits.input_size)
+        model, train_cfg = _initial_model(args, splits, train_cfg)
     model.to(train_cfg.device)
     existing = {t.codebook.k for t in quantized_tensors(model)}
     if reg_cfg is not None and existing and args.k is not None and existing != {reg_cfg.k}:
@@ -431,6 +506,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+BENCH_SECTIONS = ("bench", "methods")
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    """BenchConfig: defaults < YAML (section bench; section methods: name -> fields) < flags."""
+    from qareg.bench import BenchConfig
+    from qareg.config import from_dict, load_yaml
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = load_yaml(args.config)
+        unknown = sorted(set(loaded) - set(BENCH_SECTIONS), key=str)
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))} in "
+                              f"{args.config!r}; valid sections: {', '.join(BENCH_SECTIONS)}")
+        for section in BENCH_SECTIONS:
+            if loaded.get(section) is not None and not isinstance(loaded[section], dict):
+                raise ConfigError(f"section {section!r} in {args.config!r} must be a mapping, "
+                                  f"got {loaded[section]!r}")
+        values.update(loaded.get("bench") or {})
+        if loaded.get("methods"):
+            values["method_configs"] = loaded["methods"]
+    for f in dataclasses.fields(BenchConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return from_dict(BenchConfig, values, where="section 'bench'")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qareg.bench import Bench
+
+    config = _bench_config(args)
+    _check_output(args.out)
+    bench = Bench(config, args.out, progress=not args.no_progress)  # reads what is done
+    _print_config(bench=config)
+    planned = bench.planned()
+    todo = [key for key in planned if key not in bench.done]
+    print(f"{len(planned)} runs planned, {len(planned) - len(todo)} already in {args.out}")
+    for row in bench.run():
+        print(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "
+              f"{row['accuracy']:.2f}% at {row['bits_per_weight']:.2f} bits/weight, "
+              f"{row['train_seconds'] or 0:.0f} s")
+    print(f"results in {args.out}; tables and plots: qareg report {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qareg.report import load_results, markdown_table, summary, write_report
+
+    rows = load_results(args.results)  # fails on bad input before anything is written
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"--out-dir {args.out_dir!r} is a file; give a folder")
+    print(markdown_table(summary(rows)))
+    if args.out_dir is not None:
+        for path in write_report(args.results, args.out_dir):
+            print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -442,10 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qareg", description="Compress networks by quantization-aware regularization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a network, in full precision or with the regularizer")
-    p.add_argument("--method", choices=("fp", "qareg"), default=None,
+    from qareg.methods import list_methods
+
+    p = sub.add_parser("train", help="train a network, in full precision, with the regularizer "
+                       "or with a rival method")
+    p.add_argument("--method", choices=list_methods(), default=None,
                    help="fp: full precision (the default); qareg: with the quantization-aware "
-                   "regularizer")
+                   "regularizer; the others (with --bits) train and quantize as their papers do")
+    p.add_argument("--bits", type=int, help="bit-width of a rival method (not fp or qareg)")
+    p.add_argument("--option", nargs="*", metavar="KEY=VALUE",
+                   help="config fields of a rival method, e.g. drop_rate=0.2")
     p.add_argument("--out", required=True, help="checkpoint file to write; it is rewritten "
                    "after every epoch, atomically, with what --resume needs")
     p.add_argument("--resume", action="store_true",
@@ -514,6 +658,43 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(_flag(f.name), type=base[0], default=None,
                            help=f"(default: {f.default!r})")
     p.set_defaults(run=cmd_demo)
+
+    from qareg.bench import BenchConfig
+
+    defaults = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(BenchConfig)})
+    p = sub.add_parser("bench", help="compare methods x bits x seeds on one model and dataset; "
+                       "resumable, one JSON line per run")
+    p.add_argument("--out", required=True, help="JSON-lines results file; runs already in it "
+                   "are not rerun")
+    p.add_argument("--config", help="YAML file with sections bench (these flags) and methods "
+                   "(method name -> config fields)")
+    p.add_argument("--model", help=f"(default: {defaults.model})")
+    p.add_argument("--dataset", help=f"(default: {defaults.dataset})")
+    rivals = ", ".join(m for m in list_methods() if m != "fp")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"methods compared, from {rivals} (default: all); fp always runs as the "
+                   "reference")
+    p.add_argument("--bits", nargs="+", type=int, help="bit-widths (default: 1 2 3 4)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seed values (default: 0 1 2)")
+    p.add_argument("--epochs", type=int, help=f"every method's training budget after the shared "
+                   f"pretraining (default: {defaults.epochs})")
+    p.add_argument("--pretrain-epochs", type=int,
+                   help="shared full-precision epochs per seed "
+                   f"(default: {defaults.pretrain_epochs})")
+    p.add_argument("--lr", type=float, help=f"(default: {defaults.lr})")
+    p.add_argument("--pretrain-lr", type=float, help=f"(default: {defaults.pretrain_lr})")
+    p.add_argument("--batch-size", type=int, help=f"(default: {defaults.batch_size})")
+    p.add_argument("--data-dir", help="dataset folder")
+    p.add_argument("--val-size", type=int, help=f"(default: {defaults.val_size})")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("report", help="markdown table and plots from bench result files")
+    p.add_argument("results", nargs="+", help="JSON-lines files written by qareg bench")
+    p.add_argument("--out-dir", help="write report.md and the PNG plots in this folder")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

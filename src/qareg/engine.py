@@ -29,7 +29,9 @@ from qareg.config import RegularizerConfig, TrainConfig
 from qareg.data import BatchLoader, DatasetSplits, TensorData
 from qareg.distributed import current_world, mean_over_ranks, shard
 from qareg.errors import ConfigError, QaregError
-from qareg.quantize import ConversionReport, convert, penalty, quantized_tensors
+from qareg.methods.base import Method, Progress, snap_with
+from qareg.methods.codebook_methods import QaregMethod
+from qareg.quantize import ConversionReport, convert, quantized_tensors
 
 
 class TrainingDiverged(QaregError):
@@ -42,7 +44,7 @@ class EpochMetrics:
 
     epoch: int  # 1-based
     task_loss: float  # mean cross-entropy over the epoch's batches
-    penalty: float  # mean regularization term (0 without a regularizer)
+    penalty: float  # mean unweighted regularization term (0 without a regularizer)
     lam: float  # lambda at the end of the epoch
     lr: float  # learning rate at the end of the epoch
     val_accuracy: float  # percent, full-precision weights
@@ -81,27 +83,44 @@ def convert_with_data(model: nn.Module, splits: DatasetSplits,
     return convert(model, bn_loader(splits, config), bn_max_batches=config.bn_batches)
 
 
+def quantize_with_data(method: Method, model: nn.Module, splits: DatasetSplits,
+                       config: TrainConfig, bits: int | None = None) -> ConversionReport:
+    """Finalize `model` with `method` at `bits` (default: the bits it was prepared for) and
+    snap it, batch norm re-estimated on `config.bn_batches` training batches; in place."""
+    bits = method.bits if bits is None else bits
+    return snap_with(method, model, bits, bn_loader(splits, config), config.bn_batches)
+
+
 def quantized_accuracy(model: nn.Module, data: TensorData, splits: DatasetSplits,
-                       config: TrainConfig) -> float:
-    """Accuracy on `data` of a snapped copy of `model`; the model itself is left as it is."""
+                       config: TrainConfig, method: Method | None = None) -> float:
+    """Accuracy on `data` of a quantized copy of `model` (default method: qareg's snap to
+    the codebooks); the model itself is left as it is."""
     snapped = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        convert_with_data(snapped, splits, config)
+        if method is None:
+            convert_with_data(snapped, splits, config)
+        else:
+            quantize_with_data(copy.deepcopy(method), snapped, splits, config)
     return evaluate(snapped, data, splits, config.device)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig,
-                   regularizer: RegularizerConfig | None) -> torch.optim.Optimizer:
-    """Weights with weight decay; codebooks in their own group, without it (decay would
-    drag representatives toward zero) and at lr * codebook_lr_scale."""
-    codebook_params = [t.codebook.normalized for t in quantized_tensors(model)]
-    codebook_ids = {id(p) for p in codebook_params}
-    weights = [p for p in model.parameters() if id(p) not in codebook_ids]
+                   method: Method | None) -> torch.optim.Optimizer:
+    """Network weights with weight decay; the method's own parameters (codebooks, step
+    sizes, gates) in groups without it (decay would drag representatives toward zero) and at
+    lr * their lr_scale."""
+    own = method.param_groups(model) if method is not None else []
+    if method is None and quantized_tensors(model):  # a prepared model trained in full precision
+        own = [{"params": [t.codebook.normalized for t in quantized_tensors(model)],
+                "lr_scale": 1.0}]
+    own_ids = {id(p) for group in own for p in group["params"]}
+    weights = [p for p in model.parameters() if id(p) not in own_ids]
     groups = [{"params": weights, "weight_decay": config.weight_decay, "lr": config.lr}]
-    if codebook_params:
-        scale = regularizer.codebook_lr_scale if regularizer is not None else 1.0
-        groups.append({"params": codebook_params, "weight_decay": 0.0, "lr": config.lr * scale})
+    for group in own:
+        if group["params"]:
+            groups.append({"params": list(group["params"]), "weight_decay": 0.0,
+                           "lr": config.lr * group.get("lr_scale", 1.0)})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.Adam(groups, lr=config.lr, betas=(config.momentum, 0.999))
@@ -151,6 +170,7 @@ def train(
     config: TrainConfig,
     regularizer: RegularizerConfig | None = None,
     *,
+    method: Method | None = None,
     augment: bool = True,
     metrics_path: str | Path | None = None,
     progress: bool = True,
@@ -160,8 +180,12 @@ def train(
     resume: dict[str, Any] | None = None,
     description: str = "train",
 ) -> list[EpochMetrics]:
-    """Train `model` (already on `config.device`; prepared with codebooks when `regularizer`
-    is given) for `config.epochs` epochs; returns the metrics of every epoch.
+    """Train `model` (already on `config.device`) for `config.epochs` epochs; returns the
+    metrics of every epoch.
+
+    With `regularizer`, the model must be prepared with codebooks (`qareg.prepare`) and is
+    trained with qareg's penalty; with `method` (already `prepare`d on the model), the loss
+    is `task + method.lam(t) * method.regularizer(...)`, whatever the method is.
 
     After every epoch `save_state(state)` receives what resuming needs besides the model
     (optimizer, schedule, random states, epoch, metrics so far); `resume=state` continues
@@ -178,6 +202,10 @@ def train(
         torch.backends.cudnn.benchmark = False
     if regularizer is not None and not quantized_tensors(model):
         raise QaregError("train with a regularizer needs a model prepared with codebooks")
+    if regularizer is not None and method is not None:
+        raise QaregError("train takes a regularizer or a method, not both")
+    if regularizer is not None:
+        method = QaregMethod(regularizer)
     world = current_world()
     if config.batch_size % world.size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
@@ -189,7 +217,7 @@ def train(
         augment=splits.default_augment if augment else None, seed=config.seed,
         device=config.device,
     )
-    optimizer = make_optimizer(model, config, regularizer)
+    optimizer = make_optimizer(model, config, method)
     total_steps = config.epochs * len(loader)
     schedule = make_lr_schedule(optimizer, config, total_steps)
     # DDP averages gradients over ranks; the penalty reads the unwrapped model's tensors.
@@ -217,13 +245,13 @@ def train(
         for x, y in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 task = F.cross_entropy(forward(shard(x, world)), shard(y, world))
-            if regularizer is not None:  # in float32 outside autocast, identical on every rank
-                progress_fraction = step / max(1, total_steps)
-                lam = regularizer.lambda_at(progress_fraction)
-                temperature = regularizer.temperature_at(progress_fraction)
-                reg = penalty(model, regularizer.variant, temperature=temperature,
-                              layer_weights=regularizer.layer_weights)
-            else:
+            reg = None
+            if method is not None:  # in float32 outside autocast, identical on every rank
+                where = Progress(step, total_steps, epoch, config.epochs)
+                lam = method.lam(where)
+                if lam:
+                    reg = method.regularizer(model, task, where)
+            if reg is None:
                 reg = torch.zeros((), device=device)
             loss = task + lam * reg
             optimizer.zero_grad(set_to_none=True)
@@ -251,8 +279,9 @@ def train(
             lr=optimizer.param_groups[0]["lr"],
             val_accuracy=evaluate(model, splits.val, splits, config.device),
             val_accuracy_quantized=(
-                quantized_accuracy(model, splits.val, splits, config)
-                if regularizer is not None and len(splits.val) else None
+                quantized_accuracy(model, splits.val, splits, config, method)
+                if method is not None and not method.post_training and len(splits.val)
+                else None
             ),
             seconds=time.perf_counter() - start,
         )
