@@ -6,7 +6,10 @@ Importing this package registers them all: qareg and the baselines it is compare
 # Importing a method's module registers it.
 from qareg.methods import (  # noqa: F401
     codebook_methods,  # qareg, ptq-kmeans, fp
+    cpq,
+    dkm,
     gradl1,
+    lsq,
     uniform,  # ptq-uniform
 )
 from qareg.methods.base import (

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from qareg.config import check_bool, check_float
 from qareg.errors import ConfigError, QaregError
 from qareg.methods.base import Method, Progress, check_bits, register_method
+from qareg.methods.parametrized import remove_parametrization
 from qareg.quantize import select_tensors
 
 # Hard-concrete gates (Louizos et al. 2018): temperature and stretch interval.
@@ -293,16 +294,6 @@ def cpq_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, CPQQ
                            quantizer)
 
 
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized `module` a private copy of its class. `copy.deepcopy` shares the
-    injected `Parametrized...` class between a model and its copies, and
-    `remove_parametrizations` deletes the weight property from that class: finalizing a copy
-    would break the original (the engine finalizes a deepcopy after every epoch)."""
-    cls = type(module)
-    attributes = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, attributes)
-
-
 def bit_widths(model: nn.Module) -> dict[str, int]:
     """Bit-width of each CPQ-quantized tensor under its deterministic gates."""
     return {name: q.active_bits() for name, _, _, q in cpq_quantizers(model)}
@@ -359,8 +350,7 @@ class CPQMethod(Method):
         for name, module, attribute, quantizer in list(cpq_quantizers(model)):
             original = module.parametrizations[attribute].original
             values, grid = quantizer.snap(original, bits)
-            _own_class(module)
-            parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+            remove_parametrization(module, attribute, leave_parametrized=False)
             with torch.no_grad():
                 getattr(module, attribute).copy_(values)
             grids[name] = grid.detach()
