@@ -223,8 +223,10 @@ class Bench:
             runs += [(m, b, seed) for m in c.methods for b in c.bits]
         return runs
 
-    def run(self) -> list[dict[str, Any]]:
-        """Run what is missing from the results file; returns the rows written now."""
+    def run(self, on_row: Callable[[dict[str, Any]], None] | None = None
+            ) -> list[dict[str, Any]]:
+        """Run what is missing from the results file; returns the rows written now, each
+        also handed to `on_row` as soon as it is on disk."""
         todo = [key for key in self.planned() if key not in self.done]
         written = []
         if not todo:
@@ -246,6 +248,8 @@ class Bench:
                     self.done[(row["method"], row["bits"], row["seed"])] = row
                     written.append(row)
                     bar.update(1)
+                    if on_row is not None:
+                        on_row(row)
         bar.close()
         return written
 

@@ -539,6 +539,8 @@ def _bench_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from qareg.bench import Bench
 
     config = _bench_config(args)
@@ -548,10 +550,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     planned = bench.planned()
     todo = [key for key in planned if key not in bench.done]
     print(f"{len(planned)} runs planned, {len(planned) - len(todo)} already in {args.out}")
-    for row in bench.run():
-        print(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "
-              f"{row['accuracy']:.2f}% at {row['bits_per_weight']:.2f} bits/weight, "
-              f"{row['train_seconds'] or 0:.0f} s")
+
+    def show(row: dict[str, Any]) -> None:
+        tqdm.write(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "
+                   f"{row['accuracy']:.2f}% at {row['bits_per_weight']:.2f} bits/weight, "
+                   f"trained {row['train_seconds'] or 0:.0f} s")
+
+    bench.run(on_row=show)
     print(f"results in {args.out}; tables and plots: qareg report {args.out}")
     return 0
 
