@@ -144,3 +144,40 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
                              str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert result.returncode == 2
     assert "lr must be a number > 0, got -1" in result.stderr
+
+
+def test_train_with_a_rival_method_saves_a_quantized_checkpoint(data_env, tmp_path, capsys):
+    out = tmp_path / "lsq2.pt"
+    args = ["train", "--method", "lsq", "--bits", "2", "--option", "lr_scale=0.2",
+            "--model", "lenet5", "--epochs", "1", "--optimizer", "adam", "--lr", "1e-3",
+            "--val-size", "200", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert '"lr_scale": 0.2' in printed  # the effective method config is printed
+    assert main(["evaluate", str(out)]) == 0
+    capsys.readouterr()
+    from qareg.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(out)
+    assert meta["method"] == "lsq" and meta["bits"] == 2 and meta["converted"]
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and param.dim() > 1:
+            assert param.unique().numel() <= 4, name
+    compressed = tmp_path / "lsq2.qz"
+    assert main(["compress", str(out), str(compressed)]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "lsq"], "needs --bits"),
+    (["--method", "lsq", "--bits", "9"], "bits must be an integer from 1 to 8"),
+    (["--method", "cpq", "--bits", "2", "--option", "drop_rate"], "KEY=VALUE"),
+    (["--method", "cpq", "--bits", "2", "--option", "nope=1"], "unknown key nope"),
+    (["--method", "lsq", "--bits", "2", "--resume"], "--resume is available for"),
+    (["--method", "qareg", "--bits", "2"], "--bits, --option"),
+])
+def test_rival_method_flags_are_checked_before_training(data_env, tmp_path, capsys, extra,
+                                                         message):
+    out = tmp_path / "x.pt"
+    assert main(["train", *extra, "--epochs", "1", "--no-progress", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
