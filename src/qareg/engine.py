@@ -218,6 +218,7 @@ def train(
         device=config.device,
     )
     optimizer = make_optimizer(model, config, method)
+    has_own_params = method is not None and any(g["params"] for g in method.param_groups(model))
     total_steps = config.epochs * len(loader)
     schedule = make_lr_schedule(optimizer, config, total_steps)
     # DDP averages gradients over ranks; the penalty reads the unwrapped model's tensors.
@@ -249,7 +250,7 @@ def train(
             if method is not None:  # in float32 outside autocast, identical on every rank
                 where = Progress(step, total_steps, epoch, config.epochs)
                 lam = method.lam(where)
-                if lam:
+                if lam or has_own_params:  # own params need a gradient every step (DDP)
                     reg = method.regularizer(model, task, where)
             if reg is None:
                 reg = torch.zeros((), device=device)

@@ -91,7 +91,8 @@ class Method(ABC):
         return []
 
     def lam(self, progress: Progress) -> float:
-        """Weight of the regularizer at this step; at 0 the engine does not compute it."""
+        """Weight of the regularizer at this step; at 0 the engine skips computing it unless
+        the method has parameters of its own (they need a gradient every step under DDP)."""
         return 0.0
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress
