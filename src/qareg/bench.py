@@ -340,20 +340,20 @@ class Bench:
         return model, {k: meta.get(k) for k in ("train_seconds", "peak_memory_bytes",
                                                  "final_task_loss")}
 
-    def _base_row(self, name: str, bits: int, seed: int, stats: dict[str, Any],
-                  method_config: Any) -> dict[str, Any]:
+    def _base_row(self, method: Method, bits: int, seed: int, stats: dict[str, Any]
+                  ) -> dict[str, Any]:
         c = self.config
-        return {"method": name, "bits": bits, "seed": seed, "model": c.model,
+        return {"method": method.name, "bits": bits, "seed": seed, "model": c.model,
                 "dataset": c.dataset, "epochs": c.epochs, "pretrain_epochs": c.pretrain_epochs,
-                **stats, "recipe": c.recipe(), "config": as_dict(method_config),
-                "train": as_dict(self.config.method(name).training(c.method_training(seed))),
+                **stats, "recipe": c.recipe(), "config": as_dict(method.config),
+                "train": as_dict(method.training(c.method_training(seed))),
                 "device": c.device, **provenance()}
 
     def _fp_row(self, model: nn.Module, seed: int, stats: dict[str, Any]) -> dict[str, Any]:
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         float32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()
                             if t.is_floating_point())
-        row = self._base_row("fp", FP_BITS, seed, stats, self.config.method("fp").config)
+        row = self._base_row(self.config.method("fp"), FP_BITS, seed, stats)
         row.update(accuracy=accuracy, bits_per_weight=float(FP_BITS), file_bytes=float32_bytes,
                    compression_ratio=1.0)
         return row
@@ -374,7 +374,7 @@ class Bench:
         with tempfile.TemporaryDirectory(prefix="qareg-bench-") as folder:
             stored = save_compressed(model, Path(folder) / "model.qz",
                                      meta={"method": method.name, "bits": bits, "seed": seed})
-        row = self._base_row(method.name, bits, seed, stats, method.config)
+        row = self._base_row(method, bits, seed, stats)
         row.update(
             accuracy=accuracy,
             bits_per_weight=report.bits_per_weight,

@@ -92,16 +92,13 @@ def quantize_with_data(method: Method, model: nn.Module, splits: DatasetSplits,
 
 
 def quantized_accuracy(model: nn.Module, data: TensorData, splits: DatasetSplits,
-                       config: TrainConfig, method: Method | None = None) -> float:
-    """Accuracy on `data` of a quantized copy of `model` (default method: qareg's snap to
-    the codebooks); the model itself is left as it is."""
+                       config: TrainConfig, method: Method) -> float:
+    """Accuracy on `data` of a copy of `model` quantized by `method`; the model itself is
+    left as it is."""
     snapped = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method is None:
-            convert_with_data(snapped, splits, config)
-        else:
-            quantize_with_data(copy.deepcopy(method), snapped, splits, config)
+        quantize_with_data(method, snapped, splits, config)
     return evaluate(snapped, data, splits, config.device)
 
 

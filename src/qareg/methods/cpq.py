@@ -37,13 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.nn.utils import parametrize
 
 from qareg.config import check_bool, check_float
 from qareg.errors import ConfigError, QaregError
 from qareg.methods.base import Method, Progress, check_bits, register_method
-from qareg.methods.parametrized import remove_parametrization
-from qareg.quantize import select_tensors
+from qareg.methods.parametrized import (
+    find_parametrizations,
+    parametrize_selected,
+    remove_parametrization,
+)
 
 # Hard-concrete gates (Louizos et al. 2018): temperature and stretch interval.
 GATE_BETA = 2.0 / 3.0
@@ -284,14 +286,8 @@ class CPQQuantizer(nn.Module):
 
 def cpq_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, CPQQuantizer]]:
     """(qualified tensor name, module, attribute, quantizer) of every CPQ-quantized tensor."""
-    for prefix, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for attribute, chain in module.parametrizations.items():
-            for quantizer in chain:
-                if isinstance(quantizer, CPQQuantizer):
-                    yield (f"{prefix}.{attribute}" if prefix else attribute, module, attribute,
-                           quantizer)
+    for name, (module, quantizer) in find_parametrizations(model, CPQQuantizer).items():
+        yield name, module, name.rpartition(".")[2], quantizer
 
 
 def bit_widths(model: nn.Module) -> dict[str, int]:
@@ -309,11 +305,7 @@ class CPQMethod(Method):
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
         check_bits(bits)  # cpq trains for a bit-width; it is not a post-training method
         super().prepare(model, bits, seed)
-        for name in select_tensors(model):
-            prefix, _, attribute = name.rpartition(".")
-            module = model.get_submodule(prefix)
-            quantizer = CPQQuantizer(getattr(module, attribute).detach(), bits, self.config)
-            parametrize.register_parametrization(module, attribute, quantizer)
+        parametrize_selected(model, (), (), lambda w: CPQQuantizer(w, bits, self.config))
 
     def _quantizers(self, model: nn.Module) -> list[CPQQuantizer]:
         quantizers = [q for _, _, _, q in cpq_quantizers(model)]
