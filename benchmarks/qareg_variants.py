@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "codebook-lr-x10": ({"codebook_lr_scale": 10.0}, {}),
     "sgd-lam100": ({"lam": 100.0}, {"optimizer": "sgd", "lr": 0.01}),
     "adam-lr3e-4": ({}, {"lr": 3e-4}),
+    # the last fraction of fine-tuning with snapped forward passes (straight-through)
+    "ste-0.2": ({"straight_through": 0.2}, {}),
+    "ste-0.4": ({"straight_through": 0.4}, {}),
+    "ste-0.4-lam-100": ({"straight_through": 0.4, "lam": 100.0}, {}),
+    "ste-1.0": ({"straight_through": 1.0}, {}),
 }
 
 

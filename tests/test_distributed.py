@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 CONFIG = TrainConfig(model="lenet5", epochs=2, batch_size=64, optimizer="sgd", lr=0.02,
                      lr_schedule="cosine")
-REGULARIZER = RegularizerConfig(k=4, lam=100.0)
+REGULARIZER = RegularizerConfig(k=4, lam=100.0, straight_through=0.5)  # both phases
 
 
 def free_port() -> int:

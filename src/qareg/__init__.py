@@ -16,6 +16,7 @@ from qareg.errors import ConfigError, DataError, QaregError
 from qareg.exact_kmeans import kmeans1d
 from qareg.models import create_model, list_models
 from qareg.quantize import ConversionReport, convert, penalty, prepare, quantized_tensors
+from qareg.straight_through import straight_through
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "quantized_tensors",
     "recalibrate_batchnorm",
     "save_compressed",
+    "straight_through",
 ]

@@ -159,6 +159,9 @@ class RegularizerConfig:
     lam_start: float = 1e-3  # exponential ramp only: it starts at lam * lam_start
     ramp: float = 1.0  # fraction of training over which lambda ramps to `lam`
     codebook_lr_scale: float = 1.0  # codebook learning rate = lr * this
+    # fraction of training, at its end, whose forward passes see the snapped weights
+    # (straight-through gradients; `qareg.straight_through`); 0: the regularizer alone
+    straight_through: float = 0.0
     include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
     layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
@@ -178,6 +181,7 @@ class RegularizerConfig:
         check_float("ramp", self.ramp, 0, 1, low_open=True)
         check_float("lam_start", self.lam_start, 0, 1, low_open=True)
         check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
+        check_float("straight_through", self.straight_through, 0, 1)
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):

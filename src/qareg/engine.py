@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -241,11 +242,12 @@ def train(
         bar = tqdm(loader, desc=f"{description} {epoch}/{config.epochs}",
                    disable=not progress or not world.is_main, leave=False, dynamic_ncols=True)
         for x, y in bar:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            where = Progress(step, total_steps, epoch, config.epochs)
+            context = method.forward_context(model, where) if method else nullcontext()
+            with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 task = F.cross_entropy(forward(shard(x, world)), shard(y, world))
             reg = None
             if method is not None:  # in float32 outside autocast, identical on every rank
-                where = Progress(step, total_steps, epoch, config.epochs)
                 lam = method.lam(where)
                 if lam or has_own_params:  # own params need a gradient every step (DDP)
                     reg = method.regularizer(model, task, where)

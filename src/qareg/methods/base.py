@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,6 +90,12 @@ class Method(ABC):
         `{"params": [...], "lr_scale": float}`. They get no weight decay and a learning rate
         of `lr * lr_scale`."""
         return []
+
+    def forward_context(self, model: nn.Module, progress: Progress
+                        ) -> AbstractContextManager[Any]:
+        """A context the engine runs the training step's forward pass in (the regularizer
+        is computed after it, outside); by default none."""
+        return nullcontext()
 
     def lam(self, progress: Progress) -> float:
         """Weight of the regularizer at this step; at 0 the engine skips computing it unless

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from qareg.cluster1d import INITS
 from qareg.config import RegularizerConfig, check_choice
 from qareg.methods.base import Method, Progress, register_method
 from qareg.quantize import penalty, prepare, quantized_tensors
+from qareg.straight_through import straight_through
 
 
 def _codebook_grids(model: nn.Module) -> dict[str, Tensor]:
@@ -41,6 +43,14 @@ class QaregMethod(Method):
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         codebooks = [t.codebook.normalized for t in quantized_tensors(model)]
         return [{"params": codebooks, "lr_scale": self.config.codebook_lr_scale}]
+
+    def forward_context(self, model: nn.Module, progress: Progress
+                        ) -> AbstractContextManager[Any]:
+        """Snapped forward passes (straight-through) in the last `straight_through` of
+        training."""
+        if progress.fraction >= 1 - self.config.straight_through:
+            return straight_through(model)
+        return nullcontext()
 
     def lam(self, progress: Progress) -> float:
         return self.config.lambda_at(progress.fraction)

@@ -1,0 +1,109 @@
+"""Snapped forward passes with straight-through gradients, alone and in the engine."""
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qareg
+from qareg import straight_through as st_module
+from qareg.config import RegularizerConfig, TrainConfig
+from qareg.engine import train
+from qareg.errors import ConfigError
+from qareg.straight_through import straight_through
+
+
+def prepared_lenet(k=4):
+    torch.manual_seed(0)
+    return qareg.prepare(qareg.create_model("lenet5", 10, 1, 28), k=k)
+
+
+def test_forward_inside_equals_the_converted_network():
+    model = prepared_lenet().eval()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    snapped = copy.deepcopy(model)
+    qareg.convert(snapped)
+    with straight_through(model):
+        inside = model(x)
+    assert torch.equal(inside, snapped(x))
+    assert not torch.equal(model(x), inside)  # outside, the latent weights again
+
+
+def test_the_model_is_left_exactly_as_it_was():
+    model = prepared_lenet()
+    params = list(model.named_parameters())
+    keys = list(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    with straight_through(model):
+        model(torch.randn(2, 1, 28, 28))
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in params]
+    assert list(model.state_dict()) == keys
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_gradients_are_straight_through_to_weights_and_summed_to_representatives():
+    model = prepared_lenet().eval()
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(16) % 10
+    with straight_through(model):
+        F.cross_entropy(model(x), y).backward()
+    # the reference: the snapped network's own gradient with respect to its weights
+    snapped = copy.deepcopy(model)
+    snapped.zero_grad()
+    qareg.convert(snapped)
+    F.cross_entropy(snapped(x), y).backward()
+    for t, s in zip(qareg.quantized_tensors(model), qareg.quantized_tensors(snapped),
+                    strict=True):
+        assert torch.allclose(t.weight.grad, s.weight.grad, rtol=1e-5, atol=1e-7)
+        indices = t.codebook.assign(t.weight).flatten()
+        per_representative = torch.zeros(t.codebook.k).index_add_(0, indices,
+                                                                  s.weight.grad.flatten())
+        expected = per_representative * t.codebook.scale  # through normalized * scale
+        assert torch.allclose(t.codebook.normalized.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_the_model_is_restored_when_the_forward_pass_fails():
+    model = prepared_lenet()
+    keys = list(model.state_dict())
+    with pytest.raises(RuntimeError), straight_through(model):
+        model(torch.randn(2, 3, 28, 28))  # wrong channels
+    assert list(model.state_dict()) == keys
+
+
+def test_engine_snaps_the_forward_pass_in_the_last_fraction_only(tiny_splits):
+    model = prepared_lenet()
+    config = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3)
+    steps = 2 * (len(tiny_splits.train) // 64)
+    entered = []
+    original = st_module.straight_through
+
+    def spy(model):
+        entered.append(len(seen))
+        return original(model)
+
+    seen = []
+    with mock.patch("qareg.methods.codebook_methods.straight_through", spy):
+        train(model, tiny_splits, config, RegularizerConfig(k=4, lam=10.0, straight_through=0.25),
+              progress=False, on_step=seen.append)
+    assert entered == list(range(steps - steps // 4, steps))
+
+
+def test_training_with_the_snapped_forward_moves_weights_across_midpoints(tiny_splits):
+    model = prepared_lenet()
+    before = [t.codebook.assign(t.weight) for t in qareg.quantized_tensors(model)]
+    config = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=3e-3)
+    history = train(model, tiny_splits, config, RegularizerConfig(k=4, lam=0.0,
+                                                                  straight_through=1.0),
+                    progress=False)
+    changed = sum(int((t.codebook.assign(t.weight) != b).sum())
+                  for t, b in zip(qareg.quantized_tensors(model), before, strict=True))
+    assert changed > 0
+    assert history[-1].val_accuracy_quantized > 50  # it learned through the snapped network
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True])
+def test_straight_through_fraction_is_validated(value):
+    with pytest.raises(ConfigError, match="straight_through"):
+        RegularizerConfig(straight_through=value)
