@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "ste-0.4": ({"straight_through": 0.4}, {}),
     "ste-0.4-lam-100": ({"straight_through": 0.4, "lam": 100.0}, {}),
     "ste-1.0": ({"straight_through": 1.0}, {}),
+    "ste-0.4-then-lam-0": ({"straight_through": 0.4, "straight_through_lam": 0.0}, {}),
+    "ste-0.4-then-lam-10": ({"straight_through": 0.4, "straight_through_lam": 10.0}, {}),
+    "ste-0.2-then-lam-0": ({"straight_through": 0.2, "straight_through_lam": 0.0}, {}),
+    "ste-1.0-lam-0": ({"straight_through": 1.0, "lam": 0.0}, {}),
 }
 
 

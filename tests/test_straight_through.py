@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import qareg
-from qareg import straight_through as st_module
 from qareg.config import RegularizerConfig, TrainConfig
 from qareg.engine import train
 from qareg.errors import ConfigError
@@ -77,7 +76,7 @@ def test_engine_snaps_the_forward_pass_in_the_last_fraction_only(tiny_splits):
     config = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3)
     steps = 2 * (len(tiny_splits.train) // 64)
     entered = []
-    original = st_module.straight_through
+    original = straight_through
 
     def spy(model):
         entered.append(len(seen))
@@ -107,3 +106,16 @@ def test_training_with_the_snapped_forward_moves_weights_across_midpoints(tiny_s
 def test_straight_through_fraction_is_validated(value):
     with pytest.raises(ConfigError, match="straight_through"):
         RegularizerConfig(straight_through=value)
+
+
+def test_lambda_switches_to_its_own_value_in_the_straight_through_phase():
+    config = RegularizerConfig(lam=1000.0, straight_through=0.4, straight_through_lam=5.0)
+    assert config.lambda_at(0.3) == pytest.approx(300.0)  # the linear ramp before
+    assert config.lambda_at(0.6) == 5.0 and config.lambda_at(0.99) == 5.0
+    assert RegularizerConfig(lam=1000.0, straight_through=0.4).lambda_at(0.8) == 800.0
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), "0"])
+def test_straight_through_lambda_is_validated(value):
+    with pytest.raises(ConfigError, match="straight_through_lam"):
+        RegularizerConfig(straight_through=0.5, straight_through_lam=value)

@@ -162,6 +162,7 @@ class RegularizerConfig:
     # fraction of training, at its end, whose forward passes see the snapped weights
     # (straight-through gradients; `qareg.straight_through`); 0: the regularizer alone
     straight_through: float = 0.0
+    straight_through_lam: float | None = None  # lambda in that phase; None: the schedule's
     include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
     layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
@@ -182,6 +183,8 @@ class RegularizerConfig:
         check_float("lam_start", self.lam_start, 0, 1, low_open=True)
         check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
         check_float("straight_through", self.straight_through, 0, 1)
+        if self.straight_through_lam is not None:
+            check_float("straight_through_lam", self.straight_through_lam, 0)
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
@@ -205,8 +208,15 @@ class RegularizerConfig:
             return self.temperature
         return self.temperature * (self.temperature_final / self.temperature) ** progress
 
+    def in_straight_through(self, progress: float) -> bool:
+        """Whether `progress` in [0, 1) of training falls in the straight-through phase."""
+        return progress >= 1 - self.straight_through
+
     def lambda_at(self, progress: float) -> float:
-        """lambda at `progress` in [0, 1] of training, following `lam_schedule`."""
+        """lambda at `progress` in [0, 1] of training, following `lam_schedule` (and
+        `straight_through_lam` in the straight-through phase, when given)."""
+        if self.straight_through_lam is not None and self.in_straight_through(progress):
+            return self.straight_through_lam
         if self.lam_schedule == "constant":
             return self.lam
         ramp = min(1.0, progress / self.ramp)

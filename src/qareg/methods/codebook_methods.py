@@ -48,7 +48,7 @@ class QaregMethod(Method):
                         ) -> AbstractContextManager[Any]:
         """Snapped forward passes (straight-through) in the last `straight_through` of
         training."""
-        if progress.fraction >= 1 - self.config.straight_through:
+        if self.config.in_straight_through(progress.fraction):
             return straight_through(model)
         return nullcontext()
 
