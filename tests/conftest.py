@@ -7,9 +7,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
+# Property tests draw the same examples on every run (the suite must be deterministic);
+# run with --hypothesis-profile=explore for fresh random draws.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile("ci")
+
+from qareg import penalty_cpu
 from qareg.data import Augment, DatasetSplits, TensorData
 from qareg.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a test through both paths of the penalty's kernels: the compiled CPU one (split
+    into several ranges even on small tensors) and the torch one that other devices take."""
+    if request.param == "torch":
+        monkeypatch.setattr(penalty_cpu, "supports", lambda weights: False)
+    else:
+        monkeypatch.setattr(penalty_cpu, "PARALLEL_NUMEL", 1)
+    return request.param
 
 
 def learnable_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -119,7 +119,8 @@ def away_from_midpoints(n, reps, scale, seed, dtype, margin):
 @pytest.mark.parametrize("fast, reference", FAST_AND_REFERENCE)
 @pytest.mark.parametrize("weight_scale", [0.05, 1e-5])  # 1e-5: mean square under the floor
 @pytest.mark.parametrize("table", [False, True])  # the cell table or the binary search
-def test_custom_function_passes_gradcheck(fast, reference, weight_scale, table):
+def test_custom_function_passes_gradcheck(fast, reference, weight_scale, table,
+                                          kernel_path):
     reps = (torch.linspace(-2, 2, 5, dtype=torch.float64) * weight_scale).requires_grad_()
     w = away_from_midpoints(40, reps.detach(), weight_scale, 0, torch.float64,
                             1e-3 * weight_scale).requires_grad_()
@@ -134,7 +135,8 @@ def test_custom_function_passes_gradcheck(fast, reference, weight_scale, table):
 @pytest.mark.parametrize("shape", [(60_001,), (64, 32, 3, 3)])
 @pytest.mark.parametrize("chunk", [penalty_kernels.CHUNK, 4096])  # one slice, many slices
 def test_custom_function_matches_the_autograd_formula_in_float32(fast, reference, shape,
-                                                                  chunk, monkeypatch):
+                                                                  chunk, monkeypatch,
+                                                                  kernel_path):
     monkeypatch.setattr(penalty_kernels, "CHUNK", chunk)
     reps0 = torch.linspace(-0.1, 0.12, 16)  # not a k-means fixed point: clear pulls on c
     w0 = away_from_midpoints(int(torch.tensor(shape).prod()) + 2000, reps0, 0.05, 1,
@@ -153,7 +155,7 @@ def test_custom_function_matches_the_autograd_formula_in_float32(fast, reference
     assert torch.allclose(gc, rgc, rtol=1e-4, atol=1e-5 * rgc.abs().max().item())
 
 
-def test_custom_function_gradient_for_a_non_contiguous_tensor():
+def test_custom_function_gradient_for_a_non_contiguous_tensor(kernel_path):
     w = torch.randn(40, 30).t().requires_grad_()  # a transposed view
     reps = torch.linspace(-2, 2, 4, requires_grad=True)
     hard_penalty(w, reps, torch.tensor(1.0)).backward()

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qareg import penalty_kernels
+from qareg import penalty_cpu, penalty_kernels
 from qareg.codebook import _midpoints_rounded_down, assign
 from qareg.penalty_kernels import Lookup, nearest_indices
 
@@ -58,7 +58,7 @@ def test_codebooks_too_uneven_for_a_grid_fall_back_to_the_binary_search():
     assert torch.equal(nearest_indices(values, reps), assign(values, reps))
 
 
-def test_non_finite_weights_give_a_nan_penalty_not_an_error():
+def test_non_finite_weights_give_a_nan_penalty_not_an_error(kernel_path):
     w = torch.randn(50_000)
     w[[3, 7, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     reps = torch.linspace(-2, 2, 8)
@@ -69,7 +69,7 @@ def test_non_finite_weights_give_a_nan_penalty_not_an_error():
 
 @pytest.mark.parametrize("k, dtype", [(16, torch.uint8), (256, torch.uint8), (257, torch.int16),
                                       (40_000, torch.int32)])
-def test_penalty_saves_one_byte_per_weight_up_to_k_256(k, dtype):
+def test_penalty_saves_one_byte_per_weight_up_to_k_256(k, dtype, kernel_path):
     w = torch.randn(50_000, requires_grad=True)
     reps = torch.linspace(-3, 3, k, requires_grad=True)
     saved = []
@@ -86,3 +86,36 @@ def test_penalty_saves_one_byte_per_weight_up_to_k_256(k, dtype):
     assert sum(t.numel() for t in rest) <= 2 * k + 2 * (penalty_kernels.MAX_CELLS + 1) + 8
     value.backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(reps.grad).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    k=st.one_of(st.integers(2, penalty_cpu.LINEAR_MAX_K), st.integers(2, 300)),
+    n=st.integers(1, 300),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    grid=st.booleans(),
+    power=st.sampled_from([1, 2]),
+)
+def test_compiled_pass_finds_the_nearest_and_its_sums(k, n, seed, spread, dtype, grid, power):
+    g = torch.Generator().manual_seed(seed)
+    reps = torch.unique((torch.randn(k, generator=g, dtype=torch.float64) * spread).to(dtype))
+    values = hard_cases(torch.randn(n, generator=g, dtype=dtype) * spread * 1.5, reps)
+    saved = torch.empty(values.numel(), dtype=torch.int32)
+    with (mock.patch.object(penalty_kernels, "MIN_CELL_NUMEL", 1 if grid else 1 << 30),
+          mock.patch.object(penalty_cpu, "PARALLEL_NUMEL", 1)):  # several ranges
+        lookup = Lookup(reps, values)
+        pull, sum_square, sum_distance = penalty_cpu.forward_sums(values, reps, power, saved,
+                                                                  lookup)
+    expected = assign(values, reps)
+    assert torch.equal(saved.long(), expected)
+    d = values.double() - reps.double()[expected]  # exact
+    per_weight = d if power == 2 else d.sign()
+    # the kernels take d in the weights' dtype, rounded: a relative error of 2^-24 each
+    slack = 1e-6 * per_weight.abs().sum().item() + 1e-300
+    assert torch.allclose(pull, torch.zeros(reps.numel(), dtype=torch.float64)
+                          .index_add_(0, expected, per_weight), rtol=1e-6, atol=slack)
+    assert sum_square == pytest.approx(values.double().square().sum().item(), rel=1e-6)
+    distance = d.square() if power == 2 else d.abs()
+    assert sum_distance == pytest.approx(distance.sum().item(), rel=1e-6, abs=1e-12 * spread)

@@ -5,9 +5,10 @@ square) keeps an int64 index and several float copies of every weight alive unti
 and runs a dozen passes over them. Here one `torch.autograd.Function` computes the value,
 and the per-cluster sums that the representatives' gradient needs, in its forward pass and
 saves one small integer per weight (1 byte for k <= 256); backward rebuilds the distances
-from them with one gather. On the CPU both passes work through slices of 32760 entries:
-every temporary stays in cache and adds nothing worth counting to peak memory, and every op
-runs on the calling thread (see CHUNK).
+from them with one gather. Float tensors on the CPU take compiled passes that read each
+weight once (`qareg.penalty_cpu`); elsewhere, or for other dtypes, torch ops run through
+slices (`_sums_torch`, `_gradient_torch`): 32760 entries on the CPU, so that every
+temporary stays in cache and every op runs on the calling thread (see CHUNK).
 
 For P = sum_i |w_i - c_a(i)|^p / (N D), D = m^(p/2), m = max(mean(w^2), floor), u = 1 where
 mean(w^2) >= floor (0 where clamped: the floor then blocks the gradient), p = 2 (hard) or
@@ -33,6 +34,7 @@ import math
 import torch
 from torch import Tensor
 
+from qareg import penalty_cpu
 from qareg.codebook import _midpoints_rounded_down
 
 MAX_CELLS = 1 << 16  # cells in the grid: a finer one would fall out of cache
@@ -193,6 +195,86 @@ def _key_dtype(num_keys: int) -> torch.dtype:
     return torch.uint8 if num_keys <= 256 else torch.int16 if num_keys <= 1 << 15 else torch.int32
 
 
+def _sums_torch(w: Tensor, representatives: Tensor, power: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward pass's per-weight and per-tensor quantities with torch ops, through
+    cache-sized slices: (saved, table, pull, sum of w^2, sum of |d|^p).
+
+    `saved` holds one small integer per weight and `table[saved]` is its representative;
+    `pull` (k,) is the sum of |d|^(p-1) sign(d) over each representative's weights; the
+    sums are 0-d float64 tensors (no host sync on a GPU).
+    """
+    n, k = w.numel(), representatives.numel()
+    lookup = Lookup(representatives, w)
+    key_values = lookup.key_values  # (K,) representative of each key
+    # Saved per weight: its key, or its index where that takes fewer bytes (k <= 256
+    # but more than 256 keys); `table` maps what is saved to the representative.
+    by_index = _key_dtype(lookup.num_keys).itemsize > _key_dtype(k).itemsize
+    table = representatives.detach().to(w.dtype) if by_index else key_values
+    saved = torch.empty(n, dtype=_key_dtype(table.numel()), device=w.device)
+    index_of_key = lookup.key_index.to(saved.dtype) if by_index else None
+    key_pull = torch.zeros(8, lookup.num_keys, dtype=w.dtype, device=w.device)  # (8, K)
+    # per slice: the norm of w; the norm of d (p = 2) or the sum of |d| (p = 1)
+    norms, distances = [], []
+    size = max(1, min(n, _chunk_size(w.device)))
+    buffers = Buffers(size, w)
+    for part, saved_part in zip(w.split(size), saved.split(size), strict=True):
+        b = buffers.first(part.numel())
+        key = lookup.keys(part, b)  # (chunk,) int64
+        if by_index:
+            torch.index_select(index_of_key, 0, key, out=saved_part)
+        else:
+            saved_part.copy_(key)
+        norms.append(_norm(part))
+        d = torch.index_select(key_values, 0, key, out=b.distance)  # c_a
+        torch.sub(part, d, out=d)  # d = w - c_a
+        if power == 2:
+            _add_key_sums(key_pull, key, d)
+            distances.append(_norm(d))
+        else:
+            _add_key_sums(key_pull, key, torch.sign(d, out=b.scratch))
+            distances.append(d.abs_().sum())
+    pull = key_pull.sum(0)  # (K,)
+    if lookup.grid is not None:  # keys are cells: fold them onto the representatives
+        pull = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(
+            0, lookup.key_index, pull)
+    totals = torch.stack(norms + distances).double()  # per slice, added in float64
+    totals[: len(norms) if power == 1 else None].square_()  # norms to sums of squares
+    return saved, table, pull, totals[: len(norms)].sum(), totals[len(norms):].sum()
+
+
+def _sums_cpu(w: Tensor, representatives: Tensor, power: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_sums_torch` in one parallel compiled pass (`qareg.penalty_cpu`); saves indices."""
+    table = representatives.detach().to(w.dtype)  # (k,)
+    saved = torch.empty(w.numel(), dtype=_key_dtype(table.numel()))
+    lookup = None if penalty_cpu.linear(table.numel(), power) else Lookup(table, w)
+    pull, sum_square, sum_distance = penalty_cpu.forward_sums(w.contiguous(), table, power,
+                                                              saved, lookup)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return saved, table, pull, as_tensor(sum_square), as_tensor(sum_distance)
+
+
+def _gradient_torch(weights: Tensor, saved: Tensor, table: Tensor, power: int, s_d: Tensor,
+                    s_w: Tensor) -> Tensor:
+    """dP/dw = s_d * |d|^(p-1) sign(d) + s_w * w with torch ops, through slices."""
+    w = weights.reshape(-1)
+    # Not a view: autograd then adds the task's gradient into it in place.
+    grad = torch.empty(weights.shape, dtype=w.dtype, device=w.device)
+    flat = grad.view(-1)  # (N,)
+    size = max(1, min(w.numel(), _chunk_size(w.device)))
+    index = torch.empty(size, dtype=torch.int64, device=w.device)
+    slices = zip(w.split(size), saved.split(size), flat.split(size), strict=True)
+    for part, saved_part, out in slices:  # (chunk,) each
+        key = index[: part.numel()].copy_(saved_part)
+        torch.index_select(table, 0, key, out=out)  # c_a
+        torch.sub(part, out, out=out)  # d
+        if power == 1:
+            out.sign_()
+        out.mul_(s_d).addcmul_(part, s_w)
+    return grad
+
+
 class NearestPenalty(torch.autograd.Function):
     """P = mean(|w - c_a|^p) / max(mean(w^2), floor)^(p/2) for p = 1 or 2 (module
     docstring); saves 1 byte per weight for k <= 256 and tensors of a few times k entries."""
@@ -202,52 +284,19 @@ class NearestPenalty(torch.autograd.Function):
                 power: int) -> Tensor:
         assert power in (1, 2), f"power must be 1 or 2, got {power}"
         w = weights.detach().reshape(-1)  # (N,)
-        n, k = w.numel(), representatives.numel()
-        lookup = Lookup(representatives, w)
-        key_values = lookup.key_values  # (K,) representative of each key
-        # Saved per weight: its key, or its index where that takes fewer bytes (k <= 256
-        # but more than 256 keys); `table` maps what is saved to the representative.
-        by_index = _key_dtype(lookup.num_keys).itemsize > _key_dtype(k).itemsize
-        table = representatives.detach().to(w.dtype) if by_index else key_values
-        saved = torch.empty(n, dtype=_key_dtype(table.numel()), device=w.device)
-        index_of_key = lookup.key_index.to(saved.dtype) if by_index else None
-        key_pull = torch.zeros(8, lookup.num_keys, dtype=w.dtype, device=w.device)  # (8, K)
-        # per slice: the norm of w; the norm of d (p = 2) or the sum of |d| (p = 1)
-        norms, distances = [], []
-        size = max(1, min(n, _chunk_size(w.device)))
-        buffers = Buffers(size, w)
-        for part, saved_part in zip(w.split(size), saved.split(size), strict=True):
-            b = buffers.first(part.numel())
-            key = lookup.keys(part, b)  # (chunk,) int64
-            if by_index:
-                torch.index_select(index_of_key, 0, key, out=saved_part)
-            else:
-                saved_part.copy_(key)
-            norms.append(_norm(part))
-            d = torch.index_select(key_values, 0, key, out=b.distance)  # c_a
-            torch.sub(part, d, out=d)  # d = w - c_a
-            if power == 2:
-                _add_key_sums(key_pull, key, d)
-                distances.append(_norm(d))
-            else:
-                _add_key_sums(key_pull, key, torch.sign(d, out=b.scratch))
-                distances.append(d.abs_().sum())
-        # (k,) sum over each cluster of |d|^(p-1) sign(d)
-        pull = key_pull.sum(0)
-        if lookup.grid is not None:  # keys are cells: fold them onto the representatives
-            pull = torch.zeros(k, dtype=w.dtype, device=w.device).index_add_(
-                0, lookup.key_index, pull)
-        totals = torch.stack(norms + distances).double()  # per slice, added in float64
-        totals[: len(norms) if power == 1 else None].square_()  # norms to sums of squares
-        mean_square = (totals[: len(norms)].sum() / n).to(w.dtype)
+        n = w.numel()
+        sums = _sums_cpu if penalty_cpu.supports(w) else _sums_torch
+        saved, table, pull, sum_square, sum_distance = sums(w, representatives, power)
+        mean_square = (sum_square / n).to(w.dtype)
         unclamped = (mean_square >= floor).to(w.dtype)  # clamp_min passes gradient at ==
         m = torch.maximum(mean_square, floor.to(w.dtype))
         denominator = m if power == 2 else m.sqrt()
-        value = (totals[len(norms):].sum() / n).to(w.dtype) / denominator
+        value = (sum_distance / n).to(w.dtype) / denominator
         scale_d, scale_w = power / (n * denominator), power / (n * m)
-        # Besides the keys only tensors of a few times k entries; `weights` is the caller's
-        # own tensor, saved by reference.
-        ctx.save_for_backward(weights, saved, table, pull, value, unclamped, scale_d, scale_w)
+        # Besides one small integer per weight only tensors of a few times k entries;
+        # `weights` is the caller's own tensor, saved by reference.
+        ctx.save_for_backward(weights, saved, table, pull.to(w.dtype), value, unclamped,
+                              scale_d, scale_w)
         ctx.power, ctx.rep_dtype = power, representatives.dtype
         return value
 
@@ -258,21 +307,12 @@ class NearestPenalty(torch.autograd.Function):
         s_d = grad_output * scale_d  # 0-d tensors throughout: no host sync on a GPU
         grad_w = grad_c = None
         if ctx.needs_input_grad[0]:
-            w = weights.detach().reshape(-1)
             s_w = -grad_output * scale_w * value * unclamped
-            # Not a view: autograd then adds the task's gradient into it in place.
-            grad_w = torch.empty(weights.shape, dtype=w.dtype, device=w.device)
-            flat = grad_w.view(-1)  # (N,)
-            size = max(1, min(w.numel(), _chunk_size(w.device)))
-            index = torch.empty(size, dtype=torch.int64, device=w.device)
-            slices = zip(w.split(size), saved.split(size), flat.split(size), strict=True)
-            for part, saved_part, out in slices:  # (chunk,) each
-                key = index[: part.numel()].copy_(saved_part)
-                torch.index_select(table, 0, key, out=out)  # c_a
-                torch.sub(part, out, out=out)  # d
-                if ctx.power == 1:
-                    out.sign_()
-                out.mul_(s_d).addcmul_(part, s_w)
+            if penalty_cpu.supports(weights):
+                grad_w = penalty_cpu.gradient(weights.detach(), saved, table, ctx.power,
+                                              s_d.item(), s_w.item())
+            else:
+                grad_w = _gradient_torch(weights.detach(), saved, table, ctx.power, s_d, s_w)
         if ctx.needs_input_grad[1]:
             grad_c = (-s_d * pull).to(ctx.rep_dtype)
         return grad_w, grad_c, None, None
