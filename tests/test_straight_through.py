@@ -119,3 +119,20 @@ def test_lambda_switches_to_its_own_value_in_the_straight_through_phase():
 def test_straight_through_lambda_is_validated(value):
     with pytest.raises(ConfigError, match="straight_through_lam"):
         RegularizerConfig(straight_through=0.5, straight_through_lam=value)
+
+
+def test_the_snapped_forward_saves_one_byte_per_weight_for_backward():
+    from qareg.straight_through import SnappedStraightThrough
+
+    latent = torch.randn(10_000, requires_grad=True)
+    representatives = torch.linspace(-2, 2, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = SnappedStraightThrough.apply(latent, representatives)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 10_000)]
+    weights = torch.rand(10_000)
+    (out * weights).sum().backward()
+    assert torch.equal(latent.grad, weights)
+    index = qareg.assign(latent.detach(), representatives.detach())
+    assert torch.allclose(representatives.grad,
+                          torch.zeros(16).index_add_(0, index, weights), rtol=1e-5)

@@ -22,19 +22,52 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from qareg.codebook import Codebook
-from qareg.penalty_kernels import nearest_indices
+from qareg.penalty_kernels import _key_dtype, nearest_indices
 from qareg.quantize import _require_codebooks
+
+SLICE = 1 << 20  # entries per slice when summing gradients per representative
+
+
+class SnappedStraightThrough(torch.autograd.Function):
+    """Forward: each entry's nearest representative. Backward: the gradient unchanged to the
+    latent tensor, and its sum over each representative's entries to the representatives.
+    Saves one small integer per entry (1 byte for k <= 256)."""
+
+    @staticmethod
+    def forward(ctx, latent: Tensor, representatives: Tensor) -> Tensor:
+        table = representatives.detach().to(latent.dtype)  # (k,)
+        indices = nearest_indices(latent, table)  # latent's shape, int64
+        ctx.save_for_backward(indices.to(_key_dtype(table.numel())))
+        ctx.rep_dtype, ctx.k = representatives.dtype, table.numel()
+        return table[indices]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+        (indices,) = ctx.saved_tensors
+        grad_reps = None
+        if ctx.needs_input_grad[1]:
+            grad_reps = _sum_by_index(grad.reshape(-1), indices.reshape(-1), ctx.k)
+            grad_reps = grad_reps.to(ctx.rep_dtype)
+        return grad, grad_reps
+
+
+def _sum_by_index(values: Tensor, indices: Tensor, k: int) -> Tensor:
+    """(k,) sums of `values` per index, through slices (int64 indices only a slice at a time)."""
+    sums = torch.zeros(k, dtype=values.dtype, device=values.device)
+    for part, index in zip(values.split(SLICE), indices.split(SLICE), strict=True):
+        sums.index_add_(0, index.long(), part)
+    return sums
 
 
 def snapped_straight_through(latent: Tensor, codebook: Codebook) -> Tensor:
-    """The nearest representative of every entry in the forward pass; in the backward pass
-    the identity to `latent` and a gather's gradient to the representatives."""
-    representatives = codebook.representatives().to(latent.dtype)  # (k,)
-    snapped = representatives[nearest_indices(latent, representatives)]
-    return snapped + (latent - latent.detach())  # + exact zeros, carrying the gradient
+    """`latent` with each entry replaced by its nearest representative of `codebook` in the
+    forward pass; straight-through gradients (`SnappedStraightThrough`)."""
+    return SnappedStraightThrough.apply(latent, codebook.representatives())
 
 
 @contextmanager
