@@ -29,35 +29,48 @@ from qareg.demo import DemoConfig
 from qareg.engine import convert_with_data, evaluate, train
 from qareg.provenance import provenance
 
-# name -> (RegularizerConfig overrides, TrainConfig overrides), relative to the demo's recipe
+# The regularizer alone, the default until straight-through forward passes were measured
+# (variants-cnn4-ste.jsonl): lambda 1000 with a linear ramp. The first sweeps varied it.
+REGULARIZER_ONLY = {"straight_through": 0.0, "lam": 1000.0}
+
+
+def _only(**overrides: object) -> dict:
+    return {**REGULARIZER_ONLY, **overrides}
+
+
+# name -> (RegularizerConfig overrides, TrainConfig overrides), on the demo's recipe
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),
-    "soft-T0.05": ({"variant": "soft", "temperature": 0.05}, {}),
-    "soft-anneal-0.3-0.001": ({"variant": "soft", "temperature": 0.3,
-                               "temperature_final": 0.001}, {}),
-    "abs": ({"variant": "abs"}, {}),
-    "abs-sgd": ({"variant": "abs", "lam": 100.0}, {"optimizer": "sgd", "lr": 0.01}),
-    "init-linear": ({"init": "linear"}, {}),
-    "init-quantile": ({"init": "quantile"}, {}),
-    "init-kmeans++": ({"init": "kmeans++"}, {}),
-    "lam-100": ({"lam": 100.0}, {}),
-    "lam-10000": ({"lam": 10000.0}, {}),
-    "schedule-constant": ({"lam_schedule": "constant"}, {}),
-    "schedule-cosine": ({"lam_schedule": "cosine"}, {}),
-    "schedule-exponential": ({"lam_schedule": "exponential", "lam_start": 1e-3}, {}),
-    "ramp-0.5": ({"ramp": 0.5}, {}),
-    "codebook-lr-x10": ({"codebook_lr_scale": 10.0}, {}),
-    "sgd-lam100": ({"lam": 100.0}, {"optimizer": "sgd", "lr": 0.01}),
-    "adam-lr3e-4": ({}, {"lr": 3e-4}),
-    # the last fraction of fine-tuning with snapped forward passes (straight-through)
-    "ste-0.2": ({"straight_through": 0.2}, {}),
-    "ste-0.4": ({"straight_through": 0.4}, {}),
-    "ste-0.4-lam-100": ({"straight_through": 0.4, "lam": 100.0}, {}),
-    "ste-1.0": ({"straight_through": 1.0}, {}),
-    "ste-0.4-then-lam-0": ({"straight_through": 0.4, "straight_through_lam": 0.0}, {}),
-    "ste-0.4-then-lam-10": ({"straight_through": 0.4, "straight_through_lam": 10.0}, {}),
-    "ste-0.2-then-lam-0": ({"straight_through": 0.2, "straight_through_lam": 0.0}, {}),
-    "ste-1.0-lam-0": ({"straight_through": 1.0, "lam": 0.0}, {}),
+    "default": ({}, {}),  # whatever the defaults are now (before 2026-11-23: regularizer-only)
+    "regularizer-only": (_only(), {}),
+    "soft-T0.05": (_only(variant="soft", temperature=0.05), {}),
+    "soft-anneal-0.3-0.001": (_only(variant="soft", temperature=0.3, temperature_final=0.001),
+                              {}),
+    "abs": (_only(variant="abs"), {}),
+    "abs-sgd": (_only(variant="abs", lam=100.0), {"optimizer": "sgd", "lr": 0.01}),
+    "init-linear": (_only(init="linear"), {}),
+    "init-quantile": (_only(init="quantile"), {}),
+    "init-kmeans++": (_only(init="kmeans++"), {}),
+    "lam-100": (_only(lam=100.0), {}),
+    "lam-10000": (_only(lam=10000.0), {}),
+    "schedule-constant": (_only(lam_schedule="constant"), {}),
+    "schedule-cosine": (_only(lam_schedule="cosine"), {}),
+    "schedule-exponential": (_only(lam_schedule="exponential", lam_start=1e-3), {}),
+    "ramp-0.5": (_only(ramp=0.5), {}),
+    "codebook-lr-x10": (_only(codebook_lr_scale=10.0), {}),
+    "sgd-lam100": (_only(lam=100.0), {"optimizer": "sgd", "lr": 0.01}),
+    "adam-lr3e-4": (_only(), {"lr": 3e-4}),
+    # snapped forward passes (straight-through) in the last fraction of fine-tuning
+    "ste-0.2": (_only(straight_through=0.2), {}),
+    "ste-0.4": (_only(straight_through=0.4), {}),
+    "ste-0.4-lam-100": (_only(straight_through=0.4, lam=100.0), {}),
+    "ste-0.4-then-lam-0": (_only(straight_through=0.4, straight_through_lam=0.0), {}),
+    "ste-0.4-then-lam-10": (_only(straight_through=0.4, straight_through_lam=10.0), {}),
+    "ste-0.2-then-lam-0": (_only(straight_through=0.2, straight_through_lam=0.0), {}),
+    "ste-1.0": (_only(straight_through=1.0), {}),
+    "ste-1.0-lam-0": (_only(straight_through=1.0, lam=0.0), {}),
+    "ste-1.0-lam-1": (_only(straight_through=1.0, lam=1.0), {}),  # the default since
+    "ste-1.0-lam-10": (_only(straight_through=1.0, lam=10.0), {}),
+    "ste-1.0-lam-100": (_only(straight_through=1.0, lam=100.0), {}),
 }
 
 

@@ -161,7 +161,7 @@ class RegularizerConfig:
     codebook_lr_scale: float = 1.0  # codebook learning rate = lr * this
     # fraction of training, at its end, whose forward passes see the snapped weights
     # (straight-through gradients; `qareg.straight_through`); 0: the regularizer alone
-    straight_through: float = 0.0
+    straight_through: float = 1.0
     straight_through_lam: float | None = None  # lambda in that phase; None: the schedule's
     include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision

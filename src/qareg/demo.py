@@ -35,7 +35,7 @@ class DemoConfig:
     epochs: int = 8  # full-precision training
     qareg_epochs: int = 5  # fine-tuning with the regularizer, for each k
     ks: tuple[int, ...] = (2, 4, 16)  # codebook sizes compared
-    lam: float = 1000.0  # the regularizer's final lambda (linear ramp from 0)
+    lam: float = 1.0  # the regularizer's final lambda (linear ramp from 0)
     seed: int = 0  # initialisation, batch order, codebook init
     val_size: int = 5000  # training images held out for validation (choices use it)
     data_dir: str | None = None  # Fashion-MNIST folder; None: $QAREG_DATA or the default
