@@ -6,6 +6,11 @@ random batch of 3x32x32 images, in four configurations built from the same initi
   qareg       `qareg.prepare(model, k)` (every Conv and Linear weight), loss = task + lam *
               qareg.penalty(model), the hard variant, computed after the forward pass as the
               engine does;
+  qareg_torch the same through the penalty's torch kernels (what other devices and dtypes
+              run; on the CPU before the compiled kernels of `qareg.penalty_cpu`);
+  qareg_snapped  qareg's default training step: the forward pass inside
+              `qareg.straight_through(model)` (snapped weights, straight-through
+              gradients), plus the penalty;
   qareg_soft  the same with the soft variant, whose (N, 3) candidate tensors cost more;
   dkm         every Conv and Linear weight replaced in the forward pass by
               `dkm_soft_weights(weight, centroids, temperature)`, k learnable centroids per
@@ -50,7 +55,9 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +65,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import qareg
+from qareg import penalty_cpu
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
 from qareg.quantize import DEFAULT_LAYERS
 
-CONFIGS = ("plain", "qareg", "qareg_soft", "dkm")
+CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_soft", "dkm")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain
 
 
@@ -84,7 +92,7 @@ class DKMWeight(nn.Module):
 def build(config: str, args: argparse.Namespace) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(args.seed)
     model = qareg.create_model(args.model, 10, 3, 32)
-    if config in ("qareg", "qareg_soft"):
+    if config.startswith("qareg"):
         qareg.prepare(model, args.k, init=args.init, seed=args.seed)
     elif config == "dkm":
         for module in list(model.modules()):
@@ -98,16 +106,20 @@ def build(config: str, args: argparse.Namespace) -> tuple[nn.Module, torch.optim
 
 def train_step(config: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, lam: float) -> None:
-    task = F.cross_entropy(model(x), y)
-    if config == "qareg":
-        loss = task + lam * qareg.penalty(model)
-    elif config == "qareg_soft":
-        loss = task + lam * qareg.penalty(model, "soft")
-    else:
-        loss = task
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    torch_kernels = config == "qareg_torch"
+    with (mock.patch.object(penalty_cpu, "supports", lambda weights: False) if torch_kernels
+          else nullcontext()):
+        with qareg.straight_through(model) if config == "qareg_snapped" else nullcontext():
+            task = F.cross_entropy(model(x), y)
+        if config in ("qareg", "qareg_torch", "qareg_snapped"):
+            loss = task + lam * qareg.penalty(model)
+        elif config == "qareg_soft":
+            loss = task + lam * qareg.penalty(model, "soft")
+        else:
+            loss = task
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
