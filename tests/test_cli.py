@@ -24,8 +24,8 @@ def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
     assert (tmp_path / "fp.metrics.jsonl").exists() is False  # --metrics given: used instead
     assert main(["quantize", str(fp), "--k", "4", "--out", str(ptq)]) == 0
     assert "2.00 bits/weight" in capsys.readouterr().out
-    assert main(["train", "--method", "qareg", "--init-from", str(fp), "--k", "4", "--lam",
-                 "1000", "--optimizer", "adam", "--lr", "0.005", "--out", str(reg), *FAST]) == 0
+    assert main(["train", "--method", "qareg", "--init-from", str(fp), "--k", "4",
+                 "--optimizer", "adam", "--lr", "0.005", "--out", str(reg), *FAST]) == 0
     assert len((tmp_path / "reg.metrics.jsonl").read_text().splitlines()) == 1  # the default
     assert main(["quantize", str(reg), "--out", str(snapped)]) == 0
     capsys.readouterr()
