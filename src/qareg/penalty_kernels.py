@@ -190,7 +190,7 @@ def _norm(values: Tensor) -> Tensor:
     return torch.linalg.vector_norm(values)
 
 
-def _key_dtype(num_keys: int) -> torch.dtype:
+def index_dtype(num_keys: int) -> torch.dtype:
     """The smallest integer type that holds 0..num_keys-1: uint8 up to 256 keys."""
     return torch.uint8 if num_keys <= 256 else torch.int16 if num_keys <= 1 << 15 else torch.int32
 
@@ -209,9 +209,9 @@ def _sums_torch(w: Tensor, representatives: Tensor, power: int
     key_values = lookup.key_values  # (K,) representative of each key
     # Saved per weight: its key, or its index where that takes fewer bytes (k <= 256
     # but more than 256 keys); `table` maps what is saved to the representative.
-    by_index = _key_dtype(lookup.num_keys).itemsize > _key_dtype(k).itemsize
+    by_index = index_dtype(lookup.num_keys).itemsize > index_dtype(k).itemsize
     table = representatives.detach().to(w.dtype) if by_index else key_values
-    saved = torch.empty(n, dtype=_key_dtype(table.numel()), device=w.device)
+    saved = torch.empty(n, dtype=index_dtype(table.numel()), device=w.device)
     index_of_key = lookup.key_index.to(saved.dtype) if by_index else None
     key_pull = torch.zeros(8, lookup.num_keys, dtype=w.dtype, device=w.device)  # (8, K)
     # per slice: the norm of w; the norm of d (p = 2) or the sum of |d| (p = 1)
@@ -247,7 +247,7 @@ def _sums_cpu(w: Tensor, representatives: Tensor, power: int
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_sums_torch` in one parallel compiled pass (`qareg.penalty_cpu`); saves indices."""
     table = representatives.detach().to(w.dtype)  # (k,)
-    saved = torch.empty(w.numel(), dtype=_key_dtype(table.numel()))
+    saved = torch.empty(w.numel(), dtype=index_dtype(table.numel()))
     lookup = None if penalty_cpu.linear(table.numel(), power) else Lookup(table, w)
     pull, sum_square, sum_distance = penalty_cpu.forward_sums(w.contiguous(), table, power,
                                                               saved, lookup)

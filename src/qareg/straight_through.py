@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from qareg.codebook import Codebook
-from qareg.penalty_kernels import _key_dtype, nearest_indices
+from qareg.penalty_kernels import index_dtype, nearest_indices
 from qareg.quantize import _require_codebooks
 
 SLICE = 1 << 20  # entries per slice when summing gradients per representative
@@ -41,7 +41,7 @@ class SnappedStraightThrough(torch.autograd.Function):
     def forward(ctx, latent: Tensor, representatives: Tensor) -> Tensor:
         table = representatives.detach().to(latent.dtype)  # (k,)
         indices = nearest_indices(latent, table)  # latent's shape, int64
-        ctx.save_for_backward(indices.to(_key_dtype(table.numel())))
+        ctx.save_for_backward(indices.to(index_dtype(table.numel())))
         ctx.rep_dtype, ctx.k = representatives.dtype, table.numel()
         return table[indices]
 
