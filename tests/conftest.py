@@ -9,15 +9,15 @@ import pytest
 import torch
 from hypothesis import settings
 
+from qareg import penalty_cpu
+from qareg.data import Augment, DatasetSplits, TensorData
+from qareg.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
+
 # Property tests draw the same examples on every run (the suite must be deterministic);
 # run with --hypothesis-profile=explore for fresh random draws.
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=2000)
 settings.load_profile("ci")
-
-from qareg import penalty_cpu
-from qareg.data import Augment, DatasetSplits, TensorData
-from qareg.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
 
 
 @pytest.fixture(params=["compiled", "torch"])
