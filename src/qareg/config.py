@@ -159,9 +159,8 @@ class RegularizerConfig:
     lam_start: float = 1e-3  # exponential ramp only: it starts at lam * lam_start
     ramp: float = 1.0  # fraction of training over which lambda ramps to `lam`
     codebook_lr_scale: float = 1.0  # codebook learning rate = lr * this
-    # fraction of training, at its end, whose forward passes see the snapped weights
-    # (straight-through gradients; `qareg.straight_through`); 0: the regularizer alone
-    straight_through: float = 1.0
+    # (`qareg.straight_through`: straight-through gradients to weights and codebooks)
+    straight_through: float = 1.0  # last fraction of training run on snapped weights; 0: none
     straight_through_lam: float | None = None  # lambda in that phase; None: the schedule's
     include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
