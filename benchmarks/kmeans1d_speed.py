@@ -16,7 +16,6 @@ larger) and appends one JSON line to --out. scikit-learn is needed here only:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import qareg  # noqa: E402
+from qareg.bench import append_row  # noqa: E402
 from qareg.cluster1d import init_lloyd, sum_of_squares  # noqa: E402
 from qareg.provenance import provenance  # noqa: E402
 
@@ -129,9 +129,7 @@ def main() -> None:
     row["checks"] = checks
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(args.out, row)
 
 
 if __name__ == "__main__":

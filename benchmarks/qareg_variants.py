@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qareg import create_model, prepare
+from qareg.bench import append_row
 from qareg.checkpoint import load_checkpoint, save_checkpoint
 from qareg.config import as_dict
 from qareg.data import load_dataset
@@ -81,12 +82,6 @@ def done_runs(path: Path) -> set[tuple[str, int]]:
     return {(row["variant"], row["k"]) for row in rows}
 
 
-def append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DemoConfig.model)
@@ -117,14 +112,14 @@ def main() -> None:
               "epochs": args.epochs, **provenance()}
     finished = done_runs(args.out)
     if ("full-precision", 32) not in finished:
-        append(args.out, {**common, "variant": "full-precision", "k": 32,
+        append_row(args.out, {**common, "variant": "full-precision", "k": 32,
                           "val": evaluate(model, splits.val, splits),
                           "test": evaluate(model, splits.test, splits)})
     for k in args.ks:
         if ("ptq-kmeans", k) not in finished:
             ptq = prepare(copy.deepcopy(model), k, seed=args.seed)
             convert_with_data(ptq, splits, fp_config)
-            append(args.out, {**common, "variant": "ptq-kmeans", "k": k,
+            append_row(args.out, {**common, "variant": "ptq-kmeans", "k": k,
                               "val_quantized": evaluate(ptq, splits.val, splits),
                               "test": evaluate(ptq, splits.test, splits)})
         for name in args.variants:
@@ -139,7 +134,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             val_fp = evaluate(tuned, splits.val, splits)
             convert_with_data(tuned, splits, fp_config)
-            append(args.out, {
+            append_row(args.out, {
                 **common, "variant": name, "k": k, "val_fp": val_fp,
                 "val_quantized": evaluate(tuned, splits.val, splits),
                 "test": evaluate(tuned, splits.test, splits),

@@ -66,6 +66,7 @@ from torch.nn.utils import parametrize
 
 import qareg
 from qareg import penalty_cpu
+from qareg.bench import append_row
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
 from qareg.quantize import DEFAULT_LAYERS
@@ -278,10 +279,8 @@ def main() -> None:
         print(f"\nqareg time {qr['time_ratio']:.3f} (limit {TIME_LIMIT}), memory "
               f"{qr['memory_ratio']:.3f} (limit {MEMORY_LIMIT}): "
               f"{'PASS' if qr['pass'] else 'FAIL'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        append_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import qareg
+from qareg.bench import append_row
 from qareg.provenance import provenance
 
 
@@ -87,10 +88,8 @@ def main() -> None:
                 print(json.dumps({key: row[key] for key in (
                     "k", "weights_from", "file_over_ideal", "index_over_entropy", "codings",
                     "compression_ratio", "save_seconds", "load_seconds")}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        append_row(args.out, row)
 
 
 if __name__ == "__main__":

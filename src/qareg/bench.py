@@ -181,7 +181,9 @@ def read_done(path: Path, recipe: dict[str, Any]) -> dict[RunKey, dict[str, Any]
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and push it to disk before the next run starts."""
+    """Append one JSON line (creating the folder) and push it to disk before the next run
+    starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()

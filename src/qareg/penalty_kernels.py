@@ -251,8 +251,8 @@ def _sums_cpu(w: Tensor, representatives: Tensor, power: int
     lookup = None if penalty_cpu.linear(table.numel(), power) else Lookup(table, w)
     pull, sum_square, sum_distance = penalty_cpu.forward_sums(w.contiguous(), table, power,
                                                               saved, lookup)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    return saved, table, pull, as_tensor(sum_square), as_tensor(sum_distance)
+    sums = torch.tensor([sum_square, sum_distance], dtype=torch.float64)
+    return saved, table, pull, sums[0], sums[1]
 
 
 def _gradient_torch(weights: Tensor, saved: Tensor, table: Tensor, power: int, s_d: Tensor,
