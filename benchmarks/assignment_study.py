@@ -35,7 +35,8 @@ from qareg.checkpoint import load_checkpoint
 from qareg.codebook import Codebook
 from qareg.data import BatchLoader, load_dataset
 from qareg.demo import DemoConfig
-from qareg.engine import convert_with_data, evaluate, train
+from qareg.engine import convert_with_data, train
+from qareg.evaluation import evaluate
 from qareg.provenance import provenance
 
 
@@ -99,7 +100,7 @@ def main() -> None:
         rows[variant] = fine_tune_ste(model, splits, args.epochs, variant == "ste-frozen",
                                       args.seed)
     model = prepare(copy.deepcopy(base), args.k, seed=args.seed)
-    train(model, splits, demo.fine_tuning(), demo.regularizer(args.k), augment=False,
+    train(model, splits, demo.fine_tuning(), demo.qareg(args.k), augment=False,
           progress=False)
     convert_with_data(model, splits, demo.full_precision())
     rows["qareg"] = evaluate(model, splits.val, splits)

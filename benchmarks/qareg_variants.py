@@ -27,19 +27,21 @@ from qareg.checkpoint import load_checkpoint, save_checkpoint
 from qareg.config import as_dict
 from qareg.data import load_dataset
 from qareg.demo import DemoConfig
-from qareg.engine import convert_with_data, evaluate, train
+from qareg.engine import convert_with_data, train
+from qareg.evaluation import evaluate
+from qareg.methods import create_method
 from qareg.provenance import provenance
 
 # The regularizer alone, the default until straight-through forward passes were measured
 # (variants-cnn4-ste.jsonl): lambda 1000 with a linear ramp. The first sweeps varied it.
-REGULARIZER_ONLY = {"straight_through": 0.0, "lam": 1000.0}
+REGULARIZER_ONLY = {"snapped_fraction": 0.0, "lam": 1000.0}
 
 
 def _only(**overrides: object) -> dict:
     return {**REGULARIZER_ONLY, **overrides}
 
 
-# name -> (RegularizerConfig overrides, TrainConfig overrides), on the demo's recipe
+# name -> (QaregConfig overrides, TrainConfig overrides), on the demo's recipe
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),  # whatever the defaults are now (before 2026-11-23: regularizer-only)
     "regularizer-only": (_only(), {}),
@@ -61,17 +63,17 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "sgd-lam100": (_only(lam=100.0), {"optimizer": "sgd", "lr": 0.01}),
     "adam-lr3e-4": (_only(), {"lr": 3e-4}),
     # snapped forward passes (straight-through) in the last fraction of fine-tuning
-    "ste-0.2": (_only(straight_through=0.2), {}),
-    "ste-0.4": (_only(straight_through=0.4), {}),
-    "ste-0.4-lam-100": (_only(straight_through=0.4, lam=100.0), {}),
-    "ste-0.4-then-lam-0": (_only(straight_through=0.4, straight_through_lam=0.0), {}),
-    "ste-0.4-then-lam-10": (_only(straight_through=0.4, straight_through_lam=10.0), {}),
-    "ste-0.2-then-lam-0": (_only(straight_through=0.2, straight_through_lam=0.0), {}),
-    "ste-1.0": (_only(straight_through=1.0), {}),
-    "ste-1.0-lam-0": (_only(straight_through=1.0, lam=0.0), {}),
-    "ste-1.0-lam-1": (_only(straight_through=1.0, lam=1.0), {}),  # the default since
-    "ste-1.0-lam-10": (_only(straight_through=1.0, lam=10.0), {}),
-    "ste-1.0-lam-100": (_only(straight_through=1.0, lam=100.0), {}),
+    "ste-0.2": (_only(snapped_fraction=0.2), {}),
+    "ste-0.4": (_only(snapped_fraction=0.4), {}),
+    "ste-0.4-lam-100": (_only(snapped_fraction=0.4, lam=100.0), {}),
+    "ste-0.4-then-lam-0": (_only(snapped_fraction=0.4, snapped_lam=0.0), {}),
+    "ste-0.4-then-lam-10": (_only(snapped_fraction=0.4, snapped_lam=10.0), {}),
+    "ste-0.2-then-lam-0": (_only(snapped_fraction=0.2, snapped_lam=0.0), {}),
+    "ste-1.0": (_only(snapped_fraction=1.0), {}),
+    "ste-1.0-lam-0": (_only(snapped_fraction=1.0, lam=0.0), {}),
+    "ste-1.0-lam-1": (_only(snapped_fraction=1.0, lam=1.0), {}),  # the default since
+    "ste-1.0-lam-10": (_only(snapped_fraction=1.0, lam=10.0), {}),
+    "ste-1.0-lam-100": (_only(snapped_fraction=1.0, lam=100.0), {}),
 }
 
 
@@ -126,11 +128,12 @@ def main() -> None:
             if (name, k) in finished:
                 continue
             reg_overrides, train_overrides = VARIANTS[name]
-            regularizer = dataclasses.replace(demo.regularizer(k), **reg_overrides)
+            method = create_method("qareg", {"k": k, "lam": demo.lam, **reg_overrides})
             config = dataclasses.replace(demo.fine_tuning(), **train_overrides)
-            tuned = prepare(copy.deepcopy(model), k, init=regularizer.init, seed=args.seed)
+            tuned = copy.deepcopy(model)
+            method.prepare(tuned, None, args.seed)
             start = time.perf_counter()
-            history = train(tuned, splits, config, regularizer, augment=False, progress=False)
+            history = train(tuned, splits, config, method, augment=False, progress=False)
             seconds = time.perf_counter() - start
             val_fp = evaluate(tuned, splits.val, splits)
             convert_with_data(tuned, splits, fp_config)
@@ -139,7 +142,7 @@ def main() -> None:
                 "val_quantized": evaluate(tuned, splits.val, splits),
                 "test": evaluate(tuned, splits.test, splits),
                 "final_penalty": history[-1].penalty, "train_seconds": round(seconds, 1),
-                "regularizer": as_dict(regularizer), "train": as_dict(config),
+                "regularizer": method.options(), "train": as_dict(config),
             })
             print(name, k, "done", flush=True)
 

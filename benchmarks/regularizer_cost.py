@@ -67,9 +67,9 @@ from torch.nn.utils import parametrize
 import qareg
 from qareg import penalty_cpu
 from qareg.bench import append_row
+from qareg.constants import DEFAULT_LAYERS
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
-from qareg.quantize import DEFAULT_LAYERS
 
 CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_soft", "dkm")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from qareg import penalty_cpu
+from qareg import nearest_cpu, penalty_cpu
 from qareg.data import Augment, DatasetSplits, TensorData
 from qareg.data.fashion_mnist import FILES, IMAGES_MAGIC, LABELS_MAGIC
 
@@ -27,7 +27,7 @@ def kernel_path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(penalty_cpu, "supports", lambda weights: False)
     else:
-        monkeypatch.setattr(penalty_cpu, "PARALLEL_NUMEL", 1)
+        monkeypatch.setattr(nearest_cpu, "PARALLEL_NUMEL", 1)
     return request.param
 
 

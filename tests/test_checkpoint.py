@@ -29,14 +29,14 @@ def test_loading_never_unpickles_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "qareg-checkpoint", "payload": Evil()}, path)
-    with pytest.raises(ConfigError, match="not a readable qareg checkpoint"):
+    with pytest.raises(ConfigError, match="cannot be read as a qareg checkpoint"):
         load_checkpoint(path)
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"something": 1}, "is not a qareg checkpoint"),
+        ({"something": 1}, "not a qareg checkpoint"),
         ({"format": "qareg-checkpoint", "format_version": 99}, "format version 99"),
     ],
 )

@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import qareg
 from qareg.cli import main
 
 FAST = ["--epochs", "1", "--val-size", "200", "--batch-size", "64", "--no-progress"]
@@ -15,8 +17,8 @@ def data_env(fashion_dir, monkeypatch):
     return fashion_dir
 
 
-def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
-    fp, ptq, reg, snapped = (tmp_path / n for n in ("fp.pt", "ptq.pt", "reg.pt", "snapped.pt"))
+def test_train_quantize_compress_evaluate_round_trip(data_env, tmp_path, capsys):
+    fp, ptq, reg = (tmp_path / n for n in ("fp.pt", "ptq.pt", "reg.pt"))
     metrics = tmp_path / "metrics.jsonl"
     assert main(["train", "--model", "lenet5", "--out", str(fp), "--metrics", str(metrics),
                  *FAST]) == 0
@@ -25,24 +27,27 @@ def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
     assert main(["quantize", str(fp), "--k", "4", "--out", str(ptq)]) == 0
     assert "2.00 bits/weight" in capsys.readouterr().out
     assert main(["train", "--method", "qareg", "--init-from", str(fp), "--k", "4",
-                 "--optimizer", "adam", "--lr", "0.005", "--out", str(reg), *FAST]) == 0
+                 "--lr", "0.005", "--out", str(reg), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "adam lr 0.005" in printed  # qareg's fine-tuning recipe, its lr from the flag
+    assert f"Next: qareg compress {reg}" in printed.splitlines()[-1]
     assert len((tmp_path / "reg.metrics.jsonl").read_text().splitlines()) == 1  # the default
-    assert main(["quantize", str(reg), "--out", str(snapped)]) == 0
-    capsys.readouterr()
-    assert main(["evaluate", str(snapped)]) == 0
+    assert main(["evaluate", str(reg), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 300 and result["split"] == "test"
     assert result["accuracy"] > 50.0
 
     compressed = tmp_path / "model.qz"
-    assert main(["compress", str(reg), str(compressed)]) == 2  # not quantized yet
+    assert main(["compress", str(fp), str(compressed)]) == 2  # full precision: not quantized
     assert "run `qareg quantize" in capsys.readouterr().err and not compressed.exists()
-    assert main(["compress", str(snapped), str(compressed)]) == 0
+    assert main(["compress", str(reg), str(compressed)]) == 0
     assert "compression ratio" in capsys.readouterr().out
     assert main(["inspect", str(compressed)]) == 0
     assert "model: lenet5 (in_channels=1" in capsys.readouterr().out
-    assert main(["evaluate", str(compressed)]) == 0  # same network, read from the file
+    assert main(["evaluate", str(compressed), "--json"]) == 0  # the same network, from the file
     assert json.loads(capsys.readouterr().out)["accuracy"] == result["accuracy"]
+    assert main(["evaluate", str(compressed)]) == 0
+    assert f"test accuracy {result['accuracy']:.2f}% on 300 images" in capsys.readouterr().out
     compressed.write_bytes(compressed.read_bytes()[:-10])
     assert main(["inspect", str(compressed)]) == 2
     assert "model.qz" in capsys.readouterr().err
@@ -55,7 +60,7 @@ def test_train_quantize_evaluate_round_trip(data_env, tmp_path, capsys):
         (["train", "--model", "resnet9"], "model must be one of alexnet, cnn4, lenet5"),
         (["train", "--method", "qareg", "--lam", "-1"], "lam must be a number >= 0, got -1"),
         (["train", "--data-dir", "/nonexistent/folder"], "/nonexistent/folder"),
-        (["train", "--k", "4"], "--k only applies with --method qareg"),
+        (["train", "--k", "4"], "--k does not apply to --method fp"),
         (["train", "--method", "qareg", "--k", "200"],
          "k=200 is larger than tensor 'features.0.weight' with 150 entries"),
         (["train", "--method", "qareg", "--exclude", "nope.*"],
@@ -90,13 +95,14 @@ def test_yaml_config_sets_defaults_and_rejects_unknown_keys(data_env, tmp_path, 
     good.write_text("train:\n  epochs: 1\n  batch_size: 64\ndata:\n  val_size: 100\n")
     out = tmp_path / "model.pt"
     assert main(["train", "--config", str(good), "--out", str(out), "--no-progress"]) == 0
-    assert '"epochs": 1' in capsys.readouterr().out
+    assert "recipe: 1 epoch, sgd lr 0.05 (cosine), batch 64" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epoch: 3\n")
     out2 = tmp_path / "model2.pt"
     assert main(["train", "--config", str(bad), "--out", str(out2)]) == 2
     err = capsys.readouterr().err
-    assert "unknown key epoch in section 'train'; valid keys: model, epochs" in err
+    assert f"unknown key epoch in section 'train' of config file {str(bad)!r}" in err
+    assert "valid keys: model, epochs" in err
     assert not out2.exists()
 
 
@@ -107,8 +113,10 @@ def test_quantize_rejects_bad_k_and_keeps_existing_output(data_env, tmp_path, ca
     out.write_bytes(b"earlier result")
     assert main(["quantize", str(fp), "--k", "1", "--out", str(out)]) == 2
     assert "k must be an integer from 2" in capsys.readouterr().err
-    assert main(["quantize", str(fp), "--out", str(out)]) == 2
+    assert main(["quantize", str(fp), "--out", str(out), "--overwrite"]) == 2
     assert "give --k" in capsys.readouterr().err
+    assert main(["quantize", str(fp), "--out", str(out), "--k", "4"]) == 2
+    assert "q.pt' exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier result"
 
 
@@ -149,35 +157,54 @@ def test_console_entry_point_exits_2_on_bad_input(tmp_path):
 def test_train_with_a_rival_method_saves_a_quantized_checkpoint(data_env, tmp_path, capsys):
     out = tmp_path / "lsq2.pt"
     args = ["train", "--method", "lsq", "--bits", "2", "--option", "lr_scale=0.2",
-            "--model", "lenet5", "--epochs", "1", "--optimizer", "adam", "--lr", "1e-3",
-            "--val-size", "200", "--no-progress", "--out", str(out)]
+            "--model", "lenet5", "--epochs", "1", "--val-size", "200", "--no-progress",
+            "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert '"lr_scale": 0.2' in printed  # the effective method config is printed
-    assert main(["evaluate", str(out)]) == 0
-    capsys.readouterr()
+    assert "options: lr_scale=0.2 (the others at their defaults)" in printed
+    assert "after quantization. Next: qareg compress" in printed
     from qareg.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(out)
     assert meta["method"] == "lsq" and meta["bits"] == 2 and meta["converted"]
+    assert meta["config"]["method"]["lr_scale"] == 0.2
     for name, param in model.named_parameters():
         if name.endswith("weight") and param.dim() > 1:
             assert param.unique().numel() <= 4, name
     compressed = tmp_path / "lsq2.qz"
     assert main(["compress", str(out), str(compressed)]) == 0
+    other = tmp_path / "lsq2-flag.pt"  # the option as a flag: the same run
+    assert main([*args[:5], "--lr-scale", "0.2", *args[7:-1], str(other)]) == 0
+    again, _ = load_checkpoint(other)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_qareg_takes_bits_as_k(data_env, tmp_path):
+    from qareg.checkpoint import load_checkpoint
+
+    out = tmp_path / "q.pt"
+    assert main(["train", "--method", "qareg", "--bits", "3", "--epochs", "1", "--val-size",
+                 "200", "--batch-size", "64", "--no-progress", "--out", str(out)]) == 0
+    model, meta = load_checkpoint(out)
+    assert meta["bits"] == 3 and meta["converted"]
+    assert {t.codebook.k for t in qareg.quantized_tensors(model)} == {8}
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "lsq"], "needs --bits"),
+    (["--method", "lsq"], "method 'lsq' needs bits (1 to 8)"),
     (["--method", "lsq", "--bits", "9"], "bits must be an integer from 1 to 8"),
     (["--method", "cpq", "--bits", "2", "--option", "drop_rate"], "KEY=VALUE"),
-    (["--method", "cpq", "--bits", "2", "--option", "nope=1"], "unknown key nope"),
-    (["--method", "lsq", "--bits", "2", "--resume"], "--resume is available for"),
-    (["--method", "qareg", "--bits", "2"], "--bits, --option"),
+    (["--method", "cpq", "--bits", "2", "--option", "nope=1"],
+     "--nope does not apply to --method cpq; its options: lr_scale"),
+    (["--method", "lsq", "--bits", "2", "--tau", "0.3"],
+     "--tau does not apply to --method lsq (--tau is an option of dkm)"),
+    (["--method", "fp", "--bits", "2"], "method 'fp' does not quantize; drop bits=2"),
+    (["--method", "dkm", "--bits", "2", "--tau", "-1"], "tau must be a number > 0"),
 ])
-def test_rival_method_flags_are_checked_before_training(data_env, tmp_path, capsys, extra,
-                                                         message):
+def test_method_flags_are_checked_before_training(data_env, tmp_path, capsys, extra, message):
     out = tmp_path / "x.pt"
-    assert main(["train", *extra, "--epochs", "1", "--no-progress", "--out", str(out)]) == 2
+    assert main(["train", *extra, "--epochs", "1", "--val-size", "200", "--no-progress",
+                 "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

@@ -6,10 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qareg import exact_kmeans
-from qareg.cluster1d import INITS, initial_representatives, lloyd, sum_of_squares
+from qareg.cluster1d import INITS, initial_representatives, kmeans1d, lloyd, sum_of_squares
+from qareg.cluster1d import exact as exact_kmeans
 from qareg.errors import ConfigError
-from qareg.exact_kmeans import kmeans1d
 
 
 @pytest.mark.parametrize("method", INITS)
@@ -46,7 +45,7 @@ def test_lloyd_reaches_a_fixed_point_where_each_representative_is_its_cluster_me
 def test_lloyd_finds_well_separated_clusters():
     centres = torch.tensor([-3.0, 0.0, 5.0])
     values = centres.repeat_interleave(100) + torch.randn(300) * 0.01
-    reps = initial_representatives(values, 3, "kmeans")
+    reps = initial_representatives(values, 3, "kmeans-exact")
     assert torch.allclose(reps.float(), centres, atol=0.01)
 
 
@@ -181,17 +180,17 @@ def test_kmeans1d_rejects_bad_k(k):
 def test_kmeans1d_refuses_a_k_too_large_for_exact_work_and_the_init_falls_back(monkeypatch):
     monkeypatch.setattr(exact_kmeans, "_MAX_LISTED", 1000)
     values = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ConfigError, match="init 'lloyd'"):
+    with pytest.raises(ConfigError, match="init 'kmeans-lloyd'"):
         kmeans1d(values, 64)
     with pytest.warns(UserWarning, match="falling back to Lloyd's k-means"):
-        reps = initial_representatives(values, 64, "kmeans")
-    assert torch.equal(reps, initial_representatives(values, 64, "lloyd"))
+        reps = initial_representatives(values, 64, "kmeans-exact")
+    assert torch.equal(reps, initial_representatives(values, 64, "kmeans-lloyd"))
 
 
 def test_inits_kmeans_is_exact_and_lloyd_is_the_local_search_from_quantiles():
     values = torch.randn(3000, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(initial_representatives(values, 5, "kmeans"), kmeans1d(values, 5))
-    assert torch.equal(initial_representatives(values, 5, "lloyd"),
+    assert torch.equal(initial_representatives(values, 5, "kmeans-exact"), kmeans1d(values, 5))
+    assert torch.equal(initial_representatives(values, 5, "kmeans-lloyd"),
                        lloyd(values, initial_representatives(values, 5, "quantile")))
 
 

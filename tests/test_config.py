@@ -3,16 +3,10 @@ import math
 import pytest
 import torch
 
-from qareg.config import (
-    DataConfig,
-    RegularizerConfig,
-    TrainConfig,
-    as_dict,
-    check_device,
-    from_dict,
-    load_yaml,
-)
+from qareg.config import DataConfig, TrainConfig, as_dict, from_dict, load_yaml
 from qareg.errors import ConfigError
+from qareg.methods.qareg import QaregConfig
+from qareg.validate import check_device
 
 
 @pytest.mark.parametrize(
@@ -25,23 +19,23 @@ from qareg.errors import ConfigError
         (TrainConfig, {"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam"),
         (TrainConfig, {"momentum": 1.5}, "momentum must be a number >= 0 and <= 1"),
         (TrainConfig, {"batch_size": True}, "batch_size must be an integer >= 1, got True"),
-        (RegularizerConfig, {"k": 1}, "k must be an integer from 2 to 65536, got 1"),
-        (RegularizerConfig, {"lam": -0.5}, "lam must be a number >= 0, got -0.5"),
-        (RegularizerConfig, {"variant": "l3"}, "variant must be one of hard, soft, abs"),
-        (RegularizerConfig, {"init": "zeros"}, "init must be one of linear, quantile"),
-        (RegularizerConfig, {"ramp": 0}, "ramp must be a number > 0 and <= 1, got 0"),
-        (RegularizerConfig, {"temperature": 0.0}, "temperature must be a number > 0"),
-        (RegularizerConfig, {"include": "conv*"}, "include must be a list of glob patterns"),
-        (RegularizerConfig, {"layer_weights": {"a": -1}}, "layer_weights\\['a'\\] must be"),
+        (QaregConfig, {"k": 1}, "k must be an integer from 2 to 65536, got 1"),
+        (QaregConfig, {"lam": -0.5}, "lam must be a number >= 0, got -0.5"),
+        (QaregConfig, {"variant": "l3"}, "variant must be one of hard, soft, abs"),
+        (QaregConfig, {"init": "zeros"}, "init must be one of linear, quantile"),
+        (QaregConfig, {"ramp": 0}, "ramp must be a number > 0 and <= 1, got 0"),
+        (QaregConfig, {"temperature": 0.0}, "temperature must be a number > 0"),
+        (QaregConfig, {"include": "conv*"}, "include must be a list of glob patterns"),
+        (QaregConfig, {"layer_weights": {"a": -1}}, "layer_weights\\['a'\\] must be"),
         (DataConfig, {"dataset": "mnist"}, "dataset must be one of cifar10, fashion-mnist"),
         (DataConfig, {"val_size": -3}, "val_size must be an integer >= 0, got -3"),
         (DataConfig, {"data_dir": ""}, "data_dir must be a folder name, or null"),
         (DataConfig, {"augment": "no"}, "augment must be true or false, got 'no'"),
         (TrainConfig, {"device": "gpu"}, "device must be a device, one of cpu, cuda, cuda:N, mps"),
-        (RegularizerConfig, {"include": ["a", ""]}, "include has an empty pattern"),
-        (RegularizerConfig, {"exclude": None}, "exclude must be a list of glob patterns, got None"),
-        (RegularizerConfig, {"layer_weights": {"": 1.0}}, "layer_weights keys must be non-empty"),
-        (RegularizerConfig, {"temperature_final": 0.01}, "temperature_final only applies with "
+        (QaregConfig, {"include": ["a", ""]}, "include has an empty pattern"),
+        (QaregConfig, {"exclude": None}, "exclude must be a list of glob patterns, got None"),
+        (QaregConfig, {"layer_weights": {"": 1.0}}, "layer_weights keys must be non-empty"),
+        (QaregConfig, {"temperature_final": 0.01}, "temperature_final only applies with "
                                                          "variant soft"),
     ],
 )
@@ -78,7 +72,7 @@ def test_data_dir_may_be_a_path_and_is_kept_as_text(tmp_path):
 def test_unknown_key_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown key lamda in section 'regularizer'; valid "
                                           "keys: k, init, variant"):
-        from_dict(RegularizerConfig, {"lamda": 1.0}, where="section 'regularizer'")
+        from_dict(QaregConfig, {"lamda": 1.0}, where="section 'regularizer'")
 
 
 @pytest.mark.parametrize(
@@ -91,19 +85,19 @@ def test_unknown_key_lists_the_valid_ones():
     ],
 )
 def test_lambda_schedules_ramp_over_the_given_fraction(schedule, expected):
-    config = RegularizerConfig(lam=8.0, lam_schedule=schedule, ramp=0.5)
+    config = QaregConfig(lam=8.0, lam_schedule=schedule, ramp=0.5)
     got = [config.lambda_at(p) for p in (0.0, 0.25, 0.5, 1.0)]
     assert got == pytest.approx(expected)
 
 
 def test_temperature_anneals_geometrically():
-    config = RegularizerConfig(variant="soft", temperature=0.1, temperature_final=0.001)
+    config = QaregConfig(variant="soft", temperature=0.1, temperature_final=0.001)
     assert config.temperature_at(0.0) == pytest.approx(0.1)
     assert config.temperature_at(0.5) == pytest.approx(0.01)
     assert config.temperature_at(1.0) == pytest.approx(0.001)
-    assert RegularizerConfig(temperature=0.2).temperature_at(0.7) == 0.2
+    assert QaregConfig(temperature=0.2).temperature_at(0.7) == 0.2
 
 
 def test_as_dict_is_json_friendly():
-    values = as_dict(RegularizerConfig(include=["a.*"]))
+    values = as_dict(QaregConfig(include=["a.*"]))
     assert values["include"] == ["a.*"] and values["k"] == 4

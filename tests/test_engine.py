@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import qareg
-from qareg.config import RegularizerConfig, TrainConfig
+from qareg.config import TrainConfig
 from qareg.engine import TrainingDiverged, evaluate, make_optimizer, train
-from qareg.methods.codebook_methods import QaregMethod
+from qareg.methods.qareg import QaregConfig, QaregMethod
 from qareg.quantize import quantized_tensors
 
 
@@ -35,7 +35,7 @@ def test_regularized_training_clusters_the_weights(tiny_splits):
     qareg.prepare(model, k=4)
     start = qareg.penalty(model).item()
     config = TrainConfig(epochs=3, batch_size=32, optimizer="adam", lr=5e-3)
-    history = train(model, tiny_splits, config, RegularizerConfig(k=4, lam=1000.0, ramp=0.5),
+    history = train(model, tiny_splits, config, QaregMethod(QaregConfig(k=4, lam=1000.0, ramp=0.5)),
                     progress=False)
     assert history[0].penalty > history[1].penalty > history[2].penalty
     assert qareg.penalty(model).item() < 1e-3 * start
@@ -47,7 +47,7 @@ def test_regularized_training_clusters_the_weights(tiny_splits):
 def test_codebooks_get_their_own_group_without_weight_decay(tiny_splits):
     model = qareg.prepare(lenet(), k=4)
     optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1, lr=0.2),
-                               QaregMethod(RegularizerConfig(codebook_lr_scale=0.5)))
+                               QaregMethod(QaregConfig(codebook_lr_scale=0.5)))
     weights, codebooks = optimizer.param_groups
     assert weights["weight_decay"] == 0.1 and codebooks["weight_decay"] == 0.0
     assert codebooks["lr"] == pytest.approx(0.1)
@@ -64,15 +64,16 @@ def test_training_stops_with_a_clear_message_when_the_loss_diverges(tiny_splits)
         train(model, tiny_splits, TrainConfig(epochs=1, batch_size=64), progress=False)
 
 
-def test_regularizer_needs_a_prepared_model(tiny_splits):
-    with pytest.raises(qareg.QaregError, match="prepared with codebooks"):
-        train(lenet(), tiny_splits, TrainConfig(epochs=1), RegularizerConfig(), progress=False)
+def test_a_method_needs_a_prepared_model(tiny_splits):
+    with pytest.raises(qareg.NotPreparedError, match="no codebooks: call qareg.prepare"):
+        train(lenet(), tiny_splits, TrainConfig(epochs=1), QaregMethod(), progress=False)
 
 
 def test_bf16_autocast_trains_and_keeps_parameters_in_float32(tiny_splits):
     model = qareg.prepare(lenet(), k=4)
     config = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=2e-3, precision="bf16")
-    history = train(model, tiny_splits, config, RegularizerConfig(k=4, lam=10.0), progress=False)
+    history = train(model, tiny_splits, config, QaregMethod(QaregConfig(k=4, lam=10.0)),
+                    progress=False)
     assert history[-1].val_accuracy > 60.0
     assert history[-1].task_loss < history[0].task_loss
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -3,8 +3,8 @@ from unittest import mock
 import pytest
 import torch
 
-from qareg import penalty_kernels
-from qareg.codebook import assign
+from qareg import nearest_cpu, penalty_kernels
+from qareg.nearest import assign
 from qareg.penalties import VARIANTS, abs_penalty, hard_penalty, soft_penalty, tensor_penalty
 
 
@@ -125,7 +125,7 @@ def test_custom_function_passes_gradcheck(fast, reference, weight_scale, table,
     w = away_from_midpoints(40, reps.detach(), weight_scale, 0, torch.float64,
                             1e-3 * weight_scale).requires_grad_()
     scale = torch.tensor(0.05)
-    with mock.patch.object(penalty_kernels, "MIN_CELL_NUMEL", 1 if table else 1 << 30):
+    with mock.patch.object(nearest_cpu, "GRID_MIN_NUMEL", 1 if table else 1 << 30):
         assert torch.autograd.gradcheck(lambda w, c: fast(w, c, scale), (w, reps),
                                         eps=1e-6 * weight_scale)
         assert torch.allclose(fast(w, reps, scale), reference(w, reps, scale), rtol=1e-12)

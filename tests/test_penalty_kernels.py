@@ -5,64 +5,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qareg import penalty_cpu, penalty_kernels
-from qareg.codebook import _midpoints_rounded_down, assign
-from qareg.penalty_kernels import Lookup, nearest_indices
+from qareg import nearest_cpu, penalty_cpu, penalty_kernels
+from qareg.nearest import assign, midpoints
 
 
 def hard_cases(values, reps):
-    """`values` plus every midpoint and its float neighbours on both sides: the ties."""
-    mids = _midpoints_rounded_down(reps, values.dtype)
+    """`values` plus every boundary and its float neighbours on both sides: the ties."""
+    mids = midpoints(reps, values.dtype)
     up = torch.nextafter(mids, torch.full_like(mids, torch.inf))
     down = torch.nextafter(mids, torch.full_like(mids, -torch.inf))
     return torch.cat([values, mids, up, down, reps.to(values.dtype)])
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    k=st.integers(2, 300),
-    n=st.integers(1, 300),
-    seed=st.integers(0, 2**31 - 1),
-    spread=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-)
-def test_cell_lookup_equals_the_binary_search(k, n, seed, spread, dtype):
-    g = torch.Generator().manual_seed(seed)
-    reps = torch.unique((torch.randn(k, generator=g, dtype=torch.float64) * spread).to(dtype))
-    values = hard_cases(torch.randn(n, generator=g, dtype=dtype) * spread * 1.5, reps)
-    with mock.patch.object(penalty_kernels, "MIN_CELL_NUMEL", 1):  # the table on tiny inputs
-        got = nearest_indices(values, reps)
-    assert torch.equal(got, assign(values, reps))
-
-
-def test_cell_lookup_is_used_on_large_tensors_and_matches():
-    g = torch.Generator().manual_seed(0)
-    reps = torch.linspace(-0.1, 0.1, 16)
-    values = hard_cases(torch.randn(99_939, generator=g) * 0.05, reps).view(-1, 10)
-    assert Lookup(reps, values).grid is not None
-    assert torch.equal(nearest_indices(values, reps), assign(values, reps))
-
-
-def test_close_midpoints_share_a_cell_and_still_match():
-    reps = torch.tensor([-1e4, 0.0, 1e-4, 2e-4, 1e4])  # range / smallest gap >> MAX_CELLS
-    values = hard_cases(torch.cat([torch.randn(50_000) * 1e3, torch.randn(1000) * 1e-4]), reps)
-    grid = Lookup(reps, values).grid
-    assert grid is not None and len(grid[3]) == 2  # two passes: a cell holds two midpoints
-    assert torch.equal(nearest_indices(values, reps), assign(values, reps))
-
-
-def test_codebooks_too_uneven_for_a_grid_fall_back_to_the_binary_search():
-    reps = torch.cat([torch.tensor([-1e4]), torch.arange(8) * 1e-5, torch.tensor([1e4])])
-    values = hard_cases(torch.cat([torch.randn(50_000) * 1e3, torch.randn(1000) * 1e-4]), reps)
-    assert Lookup(reps, values).grid is None  # 7 midpoints in one cell > MAX_DEPTH
-    assert torch.equal(nearest_indices(values, reps), assign(values, reps))
 
 
 def test_non_finite_weights_give_a_nan_penalty_not_an_error(kernel_path):
     w = torch.randn(50_000)
     w[[3, 7, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     reps = torch.linspace(-2, 2, 8)
-    assert nearest_indices(w, reps)[[7, 11]].tolist() == [7, 0]
+    assert assign(w, reps)[[7, 11]].tolist() == [7, 0]
     value = penalty_kernels.NearestPenalty.apply(w, reps, torch.tensor(1e-6), 2)
     assert torch.isnan(value)
 
@@ -83,7 +42,7 @@ def test_penalty_saves_one_byte_per_weight_up_to_k_256(k, dtype, kernel_path):
     big = [t for t in saved if t.numel() == w.numel() and t is not w]
     assert [t.dtype for t in big] == [dtype]  # one small integer per weight
     rest = [t for t in saved if t is not w and t.numel() != w.numel()]  # tables, scalars
-    assert sum(t.numel() for t in rest) <= 2 * k + 2 * (penalty_kernels.MAX_CELLS + 1) + 8
+    assert sum(t.numel() for t in rest) <= 2 * k + 8
     value.backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(reps.grad).all()
 
@@ -103,11 +62,9 @@ def test_compiled_pass_finds_the_nearest_and_its_sums(k, n, seed, spread, dtype,
     reps = torch.unique((torch.randn(k, generator=g, dtype=torch.float64) * spread).to(dtype))
     values = hard_cases(torch.randn(n, generator=g, dtype=dtype) * spread * 1.5, reps)
     saved = torch.empty(values.numel(), dtype=torch.int32)
-    with (mock.patch.object(penalty_kernels, "MIN_CELL_NUMEL", 1 if grid else 1 << 30),
-          mock.patch.object(penalty_cpu, "PARALLEL_NUMEL", 1)):  # several ranges
-        lookup = Lookup(reps, values)
-        pull, sum_square, sum_distance = penalty_cpu.forward_sums(values, reps, power, saved,
-                                                                  lookup)
+    with (mock.patch.object(nearest_cpu, "GRID_MIN_NUMEL", 1 if grid else 1 << 30),
+          mock.patch.object(nearest_cpu, "PARALLEL_NUMEL", 1)):  # several ranges
+        pull, sum_square, sum_distance = penalty_cpu.forward_sums(values, reps, power, saved)
     expected = assign(values, reps)
     assert torch.equal(saved.long(), expected)
     d = values.double() - reps.double()[expected]  # exact

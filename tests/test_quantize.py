@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import qareg
-from qareg.errors import ConfigError
+from qareg.errors import ConfigError, NotPreparedError
 from qareg.quantize import prepare_like, quantized_tensors, select_tensors
 
 
@@ -48,7 +48,7 @@ def test_prepare_attaches_codebooks_seen_by_parameters_and_state_dict():
         ({"k": 4, "include": ["nope.*"]}, "include pattern 'nope.\\*' matches no parameter"),
         ({"k": 4, "exclude": ["x"]}, "exclude pattern 'x' matches no parameter"),
         ({"k": 4, "k_per_tensor": {"6.weight": 1}}, "k for '6.weight' must be"),
-        ({"k": 4, "init": "magic"}, "unknown codebook init 'magic'; valid inits: linear"),
+        ({"k": 4, "init": "magic"}, "init must be one of linear, quantile, kmeans++"),
         ({"k": 4, "exclude": ["*"]}, "no parameter selected"),
     ],
 )
@@ -69,7 +69,7 @@ def test_prepare_twice_is_an_error():
 
 def test_penalty_errors_name_the_bad_value():
     net = small_net()
-    with pytest.raises(ConfigError, match="call qareg.prepare"):
+    with pytest.raises(NotPreparedError, match="call qareg.prepare"):
         qareg.penalty(net)
     qareg.prepare(net, k=4)
     with pytest.raises(ConfigError, match="unknown penalty variant 'l3'"):

@@ -14,13 +14,9 @@ import torch
 import qareg
 from qareg.checkpoint import load_checkpoint, read_checkpoint
 from qareg.cli import main
-from qareg.config import RegularizerConfig, TrainConfig
+from qareg.config import TrainConfig
 from qareg.engine import train
-
-
-def prepared_lenet():
-    torch.manual_seed(0)
-    return qareg.prepare(qareg.create_model("lenet5", 10, 1, 28), k=4)
+from qareg.methods import create_method
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -38,33 +34,50 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_resuming_from_any_epoch_gives_the_uninterrupted_weights(tiny_splits, one_thread):
+@pytest.mark.parametrize("method_name", ["qareg", "lsq", "cpq", "dkm", "gradl1"])
+def test_resuming_from_any_epoch_gives_the_uninterrupted_weights(tiny_splits, one_thread,
+                                                                  method_name):
     config = TrainConfig(epochs=3, batch_size=64, optimizer="adam", lr=2e-3,
                          lr_schedule="onecycle")
-    regularizer = RegularizerConfig(k=4, lam=100.0)
-    whole = prepared_lenet()
+    options = {"qareg": {"k": 4, "lam": 100.0}}.get(method_name, {})
+    bits = None if method_name in ("qareg", "gradl1") else 2
+
+    def prepared_lenet():
+        torch.manual_seed(0)
+        model = qareg.create_model("lenet5", 10, 1, 28)
+        method = create_method(method_name, options)
+        method.prepare(model, bits, 0)
+        return model, method
+
+    whole, method = prepared_lenet()
     states = []
 
     def keep(state):  # what a checkpoint holds: the model's weights and the train state
         weights = {k: v.clone() for k, v in whole.state_dict().items()}
         states.append((weights, copy.deepcopy(state)))  # optimizer tensors change in place
 
-    history = train(whole, tiny_splits, config, regularizer, progress=False, save_state=keep)
+    history = train(whole, tiny_splits, config, method, progress=False, save_state=keep)
     assert [state["epoch"] for _, state in states] == [1, 2, 3]
     for weights, state in states[:2]:
-        resumed = prepared_lenet()
+        resumed, method = prepared_lenet()
         resumed.load_state_dict(weights)
-        rest = train(resumed, tiny_splits, config, regularizer, progress=False, resume=state)
+        rest = train(resumed, tiny_splits, config, method, progress=False, resume=state)
         assert_same_weights(resumed.state_dict(), whole.state_dict())
         assert [m.epoch for m in rest] == [1, 2, 3]
         assert rest[-1].val_accuracy == history[-1].val_accuracy
 
 
-def train_argv(data_dir, out, epochs=6):
-    return ["train", "--method", "qareg", "--model", "lenet5", "--data-dir", str(data_dir),
+METHOD_FLAGS = {
+    "qareg": ["--method", "qareg", "--k", "4", "--lam", "100"],
+    "lsq": ["--method", "lsq", "--bits", "2"],
+    "cpq": ["--method", "cpq", "--bits", "2"],  # samples DropBits gates: random states matter
+}
+
+
+def train_argv(data_dir, out, epochs=6, method="qareg"):
+    return ["train", *METHOD_FLAGS[method], "--model", "lenet5", "--data-dir", str(data_dir),
             "--val-size", "200", "--epochs", str(epochs), "--batch-size", "64",
-            "--optimizer", "adam", "--lr", "0.002", "--k", "4", "--lam", "100",
-            "--out", str(out), "--no-progress"]
+            "--optimizer", "adam", "--lr", "0.002", "--out", str(out), "--no-progress"]
 
 
 def test_an_unfinished_run_is_not_overwritten_without_resume(fashion_dir, tmp_path, capsys):
@@ -97,16 +110,16 @@ def run_cli(argv, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("method, seed", [("qareg", 0), ("lsq", 1), ("cpq", 2)])
 def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(fashion_dir, tmp_path,
-                                                                       seed):
+                                                                       method, seed):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same kernels
     reference = tmp_path / "reference.pt"
-    assert run_cli(train_argv(fashion_dir, reference), env).wait() == 0
+    assert run_cli(train_argv(fashion_dir, reference, method=method), env).wait() == 0
 
     killed = tmp_path / "killed.pt"
     rng = random.Random(seed)
-    process = run_cli(train_argv(fashion_dir, killed), env)
+    process = run_cli(train_argv(fashion_dir, killed, method=method), env)
     while not killed.exists() and process.poll() is None:  # wait for the first epoch
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-epoch or mid-write
@@ -115,7 +128,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(fashion_d
     payload = read_checkpoint(killed)  # never torn: the old file or the new one
     stopped_after = payload.get("train_state", {}).get("epoch", 6)
 
-    resumed = run_cli([*train_argv(fashion_dir, killed), "--resume"], env)
+    resumed = run_cli([*train_argv(fashion_dir, killed, method=method), "--resume"], env)
     _, stderr = resumed.communicate()
     assert resumed.returncode == 0, stderr.decode()
     final, _ = load_checkpoint(killed)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import qareg
-from qareg.config import RegularizerConfig, TrainConfig
+from qareg.config import TrainConfig, from_dict
 from qareg.engine import train
 from qareg.errors import ConfigError
+from qareg.methods.qareg import QaregConfig, QaregMethod
 from qareg.straight_through import straight_through
 
 
@@ -83,9 +84,9 @@ def test_engine_snaps_the_forward_pass_in_the_last_fraction_only(tiny_splits):
         return original(model)
 
     seen = []
-    with mock.patch("qareg.methods.codebook_methods.straight_through", spy):
-        train(model, tiny_splits, config, RegularizerConfig(k=4, lam=10.0, straight_through=0.25),
-              progress=False, on_step=seen.append)
+    with mock.patch("qareg.methods.qareg.straight_through", spy):
+        method = QaregMethod(QaregConfig(k=4, lam=10.0, snapped_fraction=0.25))
+        train(model, tiny_splits, config, method, progress=False, on_step=seen.append)
     assert entered == list(range(steps - steps // 4, steps))
 
 
@@ -93,9 +94,8 @@ def test_training_with_the_snapped_forward_moves_weights_across_midpoints(tiny_s
     model = prepared_lenet()
     before = [t.codebook.assign(t.weight) for t in qareg.quantized_tensors(model)]
     config = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=3e-3)
-    history = train(model, tiny_splits, config, RegularizerConfig(k=4, lam=0.0,
-                                                                  straight_through=1.0),
-                    progress=False)
+    method = QaregMethod(QaregConfig(k=4, lam=0.0, snapped_fraction=1.0))
+    history = train(model, tiny_splits, config, method, progress=False)
     changed = sum(int((t.codebook.assign(t.weight) != b).sum())
                   for t, b in zip(qareg.quantized_tensors(model), before, strict=True))
     assert changed > 0
@@ -103,22 +103,31 @@ def test_training_with_the_snapped_forward_moves_weights_across_midpoints(tiny_s
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "half", True])
-def test_straight_through_fraction_is_validated(value):
-    with pytest.raises(ConfigError, match="straight_through"):
-        RegularizerConfig(straight_through=value)
+def test_snapped_fraction_is_validated(value):
+    with pytest.raises(ConfigError, match="snapped_fraction"):
+        QaregConfig(snapped_fraction=value)
 
 
-def test_lambda_switches_to_its_own_value_in_the_straight_through_phase():
-    config = RegularizerConfig(lam=1000.0, straight_through=0.4, straight_through_lam=5.0)
+def test_lambda_switches_to_its_own_value_in_the_snapped_phase():
+    config = QaregConfig(lam=1000.0, snapped_fraction=0.4, snapped_lam=5.0)
     assert config.lambda_at(0.3) == pytest.approx(300.0)  # the linear ramp before
     assert config.lambda_at(0.6) == 5.0 and config.lambda_at(0.99) == 5.0
-    assert RegularizerConfig(lam=1000.0, straight_through=0.4).lambda_at(0.8) == 800.0
+    assert QaregConfig(lam=1000.0, snapped_fraction=0.4).lambda_at(0.8) == 800.0
 
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "0"])
-def test_straight_through_lambda_is_validated(value):
-    with pytest.raises(ConfigError, match="straight_through_lam"):
-        RegularizerConfig(straight_through=0.5, straight_through_lam=value)
+def test_snapped_lambda_is_validated(value):
+    with pytest.raises(ConfigError, match="snapped_lam"):
+        QaregConfig(snapped_fraction=0.5, snapped_lam=value)
+
+
+def test_the_names_of_the_last_release_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="'straight_through' .* now called "
+                      "'snapped_fraction'"):
+        config = from_dict(QaregConfig, {"straight_through": 0.4, "straight_through_lam": 5.0})
+    assert (config.snapped_fraction, config.snapped_lam) == (0.4, 5.0)
+    with pytest.raises(ConfigError, match="one setting"):
+        from_dict(QaregConfig, {"straight_through": 0.4, "snapped_fraction": 0.5})
 
 
 def test_the_snapped_forward_saves_one_byte_per_weight_for_backward():

@@ -39,6 +39,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     save_checkpoint(folder / "quantized.pt", model, {**meta, "converted": True})
     save_compressed(model, folder / "model.qz", meta={"method": "qareg"})
     (folder / "garbage.bin").write_bytes(b"not a model\n" * 10)
+    (folder / "random.bin").write_bytes(bytes(range(256)) * 4)
+    (folder / "empty.pt").write_bytes(b"")
     return {p.stem: p for p in folder.iterdir()}
 
 
@@ -79,7 +81,7 @@ CASES = [
     case("train-optimizer", TRAIN + " --optimizer rmsprop",
          "optimizer must be one of sgd, adam; got 'rmsprop'"),
     case("train-model", TRAIN + " --model resnet9", MODELS, "got 'resnet9'"),
-    case("train-bad-value-keeps-existing-out", "train --out {existing} --momentum 2",
+    case("train-bad-value-keeps-existing-out", "train --out {existing} --overwrite --momentum 2",
          "momentum must be a number >= 0 and <= 1, got 2.0"),
     case("train-dataset", TRAIN + " --dataset mnist",
          "dataset must be one of cifar10, fashion-mnist; got 'mnist'"),
@@ -100,8 +102,20 @@ CASES = [
          "--layer-weights takes PATTERN=WEIGHT pairs, got 'conv'"),
     case("train-temperature-final-without-soft", QAREG + " --temperature-final 0.01",
          "temperature_final only applies with variant soft; variant is 'hard'"),
-    case("train-regularizer-flag-without-qareg", TRAIN + " --k 4",
-         "--k only applies with --method qareg"),
+    case("train-method-option-of-another-method", TRAIN + " --k 4",
+         "--k does not apply to --method fp (--k is an option of qareg); its options: none"),
+    case("train-finished-out-kept", "train --out {existing}",
+         "existing.pt' holds a finished run (fp); pass --overwrite to replace it"),
+    case("train-resume-a-finished-run", "train --out {existing} --resume",
+         "holds a finished run (fp), nothing to resume; pass --overwrite"),
+    case("train-resume-and-overwrite", "train --out {out} --resume --overwrite",
+         "give one of them"),
+    case("train-out-a-foreign-file", "train --out {garbage}",
+         "exists (is a text file); pass --overwrite to replace it"),
+    case("train-bits-and-k-disagree", QAREG + " --bits 2 --k 8",
+         "--bits 2 means k = 4, but k is 8; give one of them"),
+    case("train-init-from-text", TRAIN + " --init-from {garbage}",
+         "garbage.bin' is a text file; expected a qareg checkpoint"),
     case("train-out-is-folder", "train --out {tmp}", "is a folder; give a file name"),
     case("train-out-under-a-file", "train --out {existing}/model.pt", "is not a folder"),
     case("train-metrics-is-folder", "train --out {out} --metrics {tmp}",
@@ -118,12 +132,14 @@ CASES = [
          "the following arguments are required: --out"),
     # ------------------------------------------------------------------- train: YAML
     case("yaml-unknown-section", YAML, "unknown section(s) optimizer",
-         "valid sections: data, train, regularizer", yaml="optimizer:\n  lr: 0.1\n"),
+         "valid sections: data, train, method", yaml="optimizer:\n  lr: 0.1\n"),
     case("yaml-unknown-key", YAML,
-         "unknown key learning_rate in section 'train'; valid keys: model, epochs, batch_size",
+         "unknown key learning_rate in section 'train' of config file", "config.yaml'; valid "
+         "keys: model, epochs, batch_size",
          yaml="train:\n  learning_rate: 0.1\n"),
     case("yaml-unknown-keys-of-two-types", YAML + " --method qareg",
-         "unknown keys 1, lamda in section 'regularizer'; valid keys: k, init, variant",
+         "unknown keys 1, lamda in section 'method' of config file", "; valid keys: k, init, "
+         "variant",
          yaml="regularizer:\n  1: 2\n  lamda: 3\n"),
     case("yaml-section-a-number", YAML, "section 'train' in",
          "must be a mapping of keys to values, got 3", yaml="train: 3\n"),
@@ -132,6 +148,11 @@ CASES = [
     case("yaml-top-level-list", YAML, "must hold a mapping of sections", yaml="- train\n"),
     case("yaml-string-for-int", YAML, "epochs must be an integer >= 0, got '3'",
          yaml="train:\n  epochs: '3'\n"),
+    case("yaml-bad-value-under-a-flag", YAML + " --epochs 1",
+         "section 'train' of config file", "config.yaml': epochs must be an integer >= 0, "
+         "got 'three'", yaml="train:\n  epochs: three\n"),
+    case("yaml-bad-value-names-the-file", YAML, "section 'data' of config file",
+         "config.yaml': val_size must be an integer >= 0, got -1", yaml="data:\n  val_size: -1\n"),
     case("yaml-float-for-int", YAML, "val_size must be an integer >= 0, got 100.5",
          yaml="data:\n  val_size: 100.5\n"),
     case("yaml-bool-for-number", YAML, "lr must be a number > 0, got True",
@@ -156,7 +177,7 @@ CASES = [
          "layer_weights keys must be non-empty glob patterns, got 1",
          yaml="regularizer:\n  layer_weights: {1: 2}\n"),
     case("yaml-regularizer-without-qareg", YAML,
-         "the regularizer section only applies with --method qareg",
+         "unknown key k in section 'method' of config file", "valid keys: none (it takes no",
          yaml="regularizer:\n  k: 4\n"),
     case("yaml-duplicate-section", YAML, "found duplicate key 'train'",
          yaml="train:\n  epochs: 1\ntrain:\n  epochs: 2\n"),
@@ -185,12 +206,17 @@ CASES = [
          "already has codebooks", "omit --k"),
     case("quantize-init-with-codebooks", "quantize {prepared} --out {out} --init linear",
          "already has codebooks", "omit --init"),
-    case("quantize-no-k", "quantize {fp} --out {existing}", "has no codebooks: give --k"),
+    case("quantize-no-k", "quantize {fp} --out {existing} --overwrite",
+         "has no codebooks: give --k"),
+    case("quantize-existing-out", "quantize {fp} --out {existing} --k 4",
+         "existing.pt' exists; pass --overwrite to replace it"),
     case("quantize-twice", "quantize {quantized} --out {out}", "is already quantized"),
     case("quantize-missing-checkpoint", "quantize {tmp}/none.pt --out {out} --k 4",
-         "none.pt' does not exist or is not a file"),
+         "none.pt' does not exist"),
     case("quantize-not-a-checkpoint", "quantize {garbage} --out {out} --k 4",
-         "garbage.bin' is not a readable qareg checkpoint"),
+         "garbage.bin' is a text file; expected a qareg checkpoint"),
+    case("quantize-empty-file", "quantize {empty} --out {out} --k 4",
+         "empty.pt' is empty (0 bytes); expected a qareg checkpoint"),
     case("quantize-dataset", "quantize {fp} --out {out} --k 4 --dataset mnist",
          "dataset must be one of cifar10, fashion-mnist; got 'mnist'"),
     case("argparse-quantize-k-literal", "quantize {fp} --out {out} --k four",
@@ -208,18 +234,28 @@ CASES = [
     case("argparse-evaluate-split", "evaluate {fp} --split train",
          "argument --split: invalid choice: 'train'"),
     # ----------------------------------------------------------------- compress, inspect
-    case("compress-not-quantized", "compress {prepared} {existing}", "is not quantized yet"),
+    case("compress-not-quantized", "compress {prepared} {existing} --overwrite",
+         "is not quantized yet"),
+    case("compress-existing-out", "compress {quantized} {existing}",
+         "existing.pt' exists; pass --overwrite"),
     case("compress-out-is-input", "compress {quantized} {quantized}",
          "quantized.pt' is the input file"),
     case("compress-out-is-folder", "compress {quantized} {tmp}", "is a folder"),
     case("argparse-compress-dtype", "compress {quantized} {out} --codebook-dtype float8",
          "argument --codebook-dtype: invalid choice: 'float8'"),
-    case("inspect-missing", "inspect {tmp}/none.qz", "none.qz' does not exist or is not a file"),
+    case("inspect-missing", "inspect {tmp}/none.qz", "none.qz' does not exist; expected a qareg "
+         "compressed file"),
+    case("inspect-a-checkpoint", "inspect {quantized}",
+         "quantized.pt' is a qareg checkpoint (.pt), not a compressed file: `qareg compress"),
+    case("evaluate-random-bytes", "evaluate {random}",
+         "random.bin' holds bytes of an unknown format; expected a qareg checkpoint"),
+    case("evaluate-empty", "evaluate {empty}", "empty.pt' is empty (0 bytes)"),
     case("inspect-not-compressed", "inspect {garbage}", "garbage.bin"),
     # --------------------------------------------------------------------------- demo
     case("demo-k-too-small", "demo --ks 1 --out {out}",
          "k must be an integer from 2 to 65536, got 1"),
-    case("demo-k-repeated", "demo --ks 2 2 --out {existing}", "ks must not repeat a k, got [2, 2]"),
+    case("demo-k-repeated", "demo --ks 2 2 --out {existing} --overwrite",
+         "ks must not repeat a k, got [2, 2]"),
     case("demo-k-larger-than-smallest-tensor",
          "demo --ks 2 4096 --val-size 200 --no-progress --out {out}",
          "ks: k=4096 is larger than tensor 'features.0.weight' of cnn4 with 288 entries"),
@@ -228,7 +264,7 @@ CASES = [
     case("demo-epochs", "demo --epochs -1 --out {out}", "epochs must be an integer >= 0, got -1"),
     case("demo-lam", "demo --lam -1 --out {out}", "lam must be a number >= 0, got -1.0"),
     case("demo-model", "demo --model resnet9 --out {out}", MODELS, "got 'resnet9'"),
-    case("demo-device-cuda-absent", "demo --device cuda --out {existing}",
+    case("demo-device-cuda-absent", "demo --device cuda --out {existing} --overwrite",
          "CUDA is not available on this machine; use --device cpu", machine="no-cuda"),
     case("demo-data-dir-empty", "demo --data-dir '' --out {out}", "data_dir must be a folder name"),
     case("demo-out-is-folder", "demo --out {tmp}", "is a folder"),
@@ -261,7 +297,7 @@ def test_bad_input_exits_2_names_it_and_writes_nothing(
     monkeypatch.setenv("QAREG_DATA", str(fashion_dir))
     _fake_machine(monkeypatch, machine)
     existing = tmp_path / "existing.pt"
-    shutil.copyfile(inputs["fp"], existing)  # a finished checkpoint: writing over it is allowed
+    shutil.copyfile(inputs["fp"], existing)  # a finished checkpoint
     config = tmp_path / "config.yaml"
     if yaml is not None:
         config.write_bytes(yaml.encode() if isinstance(yaml, str) else yaml)

@@ -5,27 +5,29 @@ codebook of learnable representatives; `convert` then snaps every weight to its 
 """
 
 from qareg.batchnorm import recalibrate_batchnorm
-from qareg.codebook import Codebook, assign
+from qareg.cluster1d import kmeans1d
+from qareg.codebook import Codebook
 from qareg.compress import (
     CompressedFileError,
     inspect_compressed,
     load_compressed,
     save_compressed,
 )
-from qareg.errors import ConfigError, DataError, QaregError
-from qareg.exact_kmeans import kmeans1d
+from qareg.errors import ConfigError, DataError, NotPreparedError, QaregError
 from qareg.models import create_model, list_models
+from qareg.nearest import assign
 from qareg.quantize import ConversionReport, convert, penalty, prepare, quantized_tensors
 from qareg.straight_through import straight_through
-
-__version__ = "0.1.0"
+from qareg.version import __version__
 
 __all__ = [
+    "__version__",
     "Codebook",
     "CompressedFileError",
     "ConfigError",
     "ConversionReport",
     "DataError",
+    "NotPreparedError",
     "QaregError",
     "assign",
     "convert",

@@ -2,17 +2,20 @@
 
 Every method gets the same budget. For each seed one full-precision network is trained for
 `pretrain_epochs` (cached beside the results file) and every method then trains a copy of it
-for `epochs` more:
+for `epochs` more, with its own fine-tuning recipe (`Method.recipe`; `lr` overrides every
+method's learning rate):
 
-- training-time methods (qareg, cpq, lsq, dkm) train one copy per bit-width, then snap;
-- post-training methods train once per seed and are quantized at every bit-width: fp,
-  ptq-kmeans and ptq-uniform share one full-precision fine-tuning (cached too), gradl1 trains
-  with its penalty.
+- training-time methods train one copy per bit-width, then convert it;
+- post-training methods (`Method.post_training`) train once per seed and are converted at
+  every bit-width; those whose training is plain full-precision training
+  (`Method.trains_in_full_precision`: the reference and the post-training quantizers)
+  share one fine-tuning, cached too.
 
-Each run is finalized the same way (`snap_with`: the method's grid as codebooks, batch norm
-re-estimated), tested, and stored as a compressed file to weigh it. A line is appended (and
-flushed to disk) as soon as its run ends, so an interrupted bench resumes where it stopped:
-runs already in the file are not rerun. The fp reference row has bits 32.
+Each run is converted the same way (`Method.convert`: the method's grids as codebooks,
+batch norm re-estimated), tested, and stored as a compressed file to weigh it. A line is
+appended (and flushed to disk) as soon as its run ends, so an interrupted bench resumes
+where it stopped: runs already in the file are not rerun. The reference row (the method
+that does not quantize, `fp`) has bits 32.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,33 +32,32 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from qareg.checkpoint import read_checkpoint, save_checkpoint
 from qareg.compress import save_compressed
-from qareg.config import (
-    TrainConfig,
-    as_dict,
-    check_bool,
-    check_choice,
-    check_device,
-    check_float,
-    check_folder,
-    check_int,
-    from_dict,
-)
-from qareg.data import DatasetSplits, list_datasets, load_dataset
-from qareg.engine import evaluate, quantize_with_data, train
+from qareg.config import DataConfig, TrainConfig, as_dict
+from qareg.data import DatasetSplits, load_dataset
+from qareg.engine import convert_with_data, train
 from qareg.errors import ConfigError
+from qareg.evaluation import evaluate
 from qareg.memory import peak_bytes, reset_peak
-from qareg.methods import Method, check_bits, create_method, list_methods
-from qareg.models import create_model, list_models
+from qareg.methods import METHODS, Method, create_method, list_methods
+from qareg.methods.parametrized import latent_weight
+from qareg.models import create_model
 from qareg.provenance import provenance
 from qareg.quantize import quantized_tensors, select_tensors
-from qareg.report import histogram_record
+from qareg.report.histograms import histogram_record
+from qareg.validate import check_bits, check_float, check_int
 
 FP_BITS = 32  # the "bits" of the full-precision reference row
+
+
+def reference_method() -> str:
+    """The name of the registered method that does not quantize: every bench's reference."""
+    names = [name for name in list_methods() if not METHODS.get(name).quantizes]
+    assert len(names) == 1, f"exactly one reference method must be registered, got {names}"
+    return names[0]
 
 
 def _check_names(name: str, values: Any, valid: list[str]) -> tuple[str, ...]:
@@ -88,12 +89,12 @@ class BenchConfig:
     model: str = "lenet5"  # a name from qareg.list_models()
     dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
     methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "cpq", "gradl1", "lsq",
-                                "dkm")  # compared methods; fp is always run as the reference
+                                "dkm")  # compared methods; the reference (fp) always runs
     bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
     seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
     pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)
     epochs: int = 3  # every method's own training budget, from the pretrained network
-    lr: float = 1e-3  # Adam learning rate of every method's training
+    lr: float | None = None  # every method's learning rate; None: each method's recipe
     pretrain_lr: float = 0.05  # SGD learning rate of the shared pretraining
     batch_size: int = 128  # images per step, in both phases
     data_dir: str | None = None  # dataset folder; None: $QAREG_DATA or the default
@@ -103,23 +104,21 @@ class BenchConfig:
     method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fields
 
     def __post_init__(self) -> None:
-        check_choice("model", self.model, tuple(list_models()))
-        check_choice("dataset", self.dataset, tuple(list_datasets()))
-        valid = [m for m in list_methods() if m != "fp"]
+        # the fields they share with the data and training configs, checked by them
+        DataConfig(dataset=self.dataset, data_dir=self.data_dir, val_size=self.val_size,
+                   augment=self.augment)
+        TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
+                    lr=self.pretrain_lr, device=self.device)
+        valid = [m for m in list_methods() if METHODS.get(m).quantizes]
         object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
         object.__setattr__(self, "bits", tuple(sorted(_check_ints("bits", self.bits,
                                                                   check_bits))))
         object.__setattr__(self, "seeds", _check_ints(
             "seeds", self.seeds, lambda s: check_int("seed", s, 0)))
         check_int("pretrain_epochs", self.pretrain_epochs, 0)
-        check_int("epochs", self.epochs, 0)
-        check_float("lr", self.lr, 0, low_open=True)
         check_float("pretrain_lr", self.pretrain_lr, 0, low_open=True)
-        check_int("batch_size", self.batch_size, 1)
-        check_folder("data_dir", self.data_dir)
-        check_int("val_size", self.val_size, 0)
-        check_bool("augment", self.augment)
-        check_device("device", self.device)
+        if self.lr is not None:
+            check_float("lr", self.lr, 0, low_open=True)
         if not isinstance(self.method_configs, dict):
             raise ConfigError(f"method_configs must map method names to fields, got "
                               f"{self.method_configs!r}")
@@ -131,21 +130,19 @@ class BenchConfig:
 
     def method(self, name: str) -> Method:
         """A fresh instance of method `name` with this bench's config for it."""
-        from qareg.methods.base import METHODS
-
-        cls = METHODS.get(name)
-        values = self.method_configs.get(name, {})
-        return create_method(name, from_dict(cls.config_class, values,
-                                             f"method_configs[{name!r}]"))
+        return create_method(name, dict(self.method_configs.get(name, {})))
 
     def pretraining(self, seed: int) -> TrainConfig:
         return TrainConfig(model=self.model, epochs=self.pretrain_epochs, optimizer="sgd",
                            lr=self.pretrain_lr, batch_size=self.batch_size, seed=seed,
                            device=self.device)
 
-    def method_training(self, seed: int) -> TrainConfig:
-        return TrainConfig(model=self.model, epochs=self.epochs, optimizer="adam", lr=self.lr,
-                           batch_size=self.batch_size, seed=seed, device=self.device)
+    def method_training(self, method: Method, seed: int) -> TrainConfig:
+        """The recipe `method` trains with: its own (`Method.recipe`), this bench's epochs,
+        batch size and seed, and `lr` when given."""
+        recipe = {**method.recipe, **({"lr": self.lr} if self.lr is not None else {})}
+        return TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
+                           seed=seed, device=self.device, **recipe)
 
     def recipe(self) -> dict[str, Any]:
         """What every row of one results file must share (checked when resuming)."""
@@ -196,11 +193,7 @@ def latent_weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
     out = {}
     for name in names:
         module_name, _, attribute = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if parametrize.is_parametrized(module, attribute):
-            value = module.parametrizations[attribute].original
-        else:
-            value = getattr(module, attribute)
+        value = latent_weight(model.get_submodule(module_name), attribute)
         out[name] = value.detach().float().cpu().clone()
     return out
 
@@ -217,11 +210,11 @@ class Bench:
         self.splits: DatasetSplits | None = None
 
     def planned(self) -> list[RunKey]:
-        """Every run of the bench, in the order it is run (fp first for each seed)."""
+        """Every run of the bench, in the order it is run (the reference first per seed)."""
         c = self.config
         runs = []
         for seed in c.seeds:
-            runs.append(("fp", FP_BITS, seed))
+            runs.append((reference_method(), FP_BITS, seed))
             runs += [(m, b, seed) for m in c.methods for b in c.bits]
         return runs
 
@@ -238,9 +231,10 @@ class Bench:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.cache.mkdir(exist_ok=True)
         bar = tqdm(total=len(todo), desc="bench", disable=not self.progress, dynamic_ncols=True)
+        reference = reference_method()
         for seed in c.seeds:
-            for method_name in ("fp", *c.methods):
-                bits = [FP_BITS] if method_name == "fp" else list(c.bits)
+            for method_name in (reference, *c.methods):
+                bits = [FP_BITS] if method_name == reference else list(c.bits)
                 missing = [b for b in bits if (method_name, b, seed) not in self.done]
                 if not missing:
                     continue
@@ -293,11 +287,11 @@ class Bench:
     def _train(self, method: Method, model: nn.Module, seed: int, bits: int | None,
                label: str) -> dict[str, Any]:
         """Prepare `model` for `method` and train it; returns time and peak memory."""
-        config = method.training(self.config.method_training(seed))
+        config = self.config.method_training(method, seed)
         method.prepare(model, bits, seed)
         reset_peak(self.config.device)
         start = time.perf_counter()
-        history = train(model, self.splits, config, method=method, augment=self.config.augment,
+        history = train(model, self.splits, config, method, augment=self.config.augment,
                         progress=self.progress, description=label)
         return {"train_seconds": time.perf_counter() - start,
                 "peak_memory_bytes": peak_bytes(self.config.device),
@@ -318,13 +312,13 @@ class Bench:
                 after = latent_weights(model, names)
                 rows.append(self._finish(method, model, bits, seed, stats, before, after))
             return rows
-        if name in ("fp", "ptq-kmeans", "ptq-uniform"):  # quantize one shared fine-tuning
+        if method.trains_in_full_precision():  # convert one shared fine-tuning
             trained, stats = self._fine_tuned_fp(seed, start_model)
         else:
             trained = copy.deepcopy(start_model)
             stats = self._train(method, trained, seed, None, f"{name} seed {seed}")
         after = latent_weights(trained, names)
-        if name == "fp":
+        if not method.quantizes:
             return [self._fp_row(trained, seed, stats)]
         return [self._finish(method, copy.deepcopy(trained), bits, seed, stats, before, after)
                 for bits in bits_list]
@@ -332,13 +326,15 @@ class Bench:
     def _fine_tuned_fp(self, seed: int, start_model: nn.Module
                        ) -> tuple[nn.Module, dict[str, Any]]:
         """The pretrained network trained `epochs` more in full precision (cached)."""
+        reference = reference_method()
 
         def build() -> tuple[nn.Module, dict[str, Any]]:
             model = copy.deepcopy(start_model)
-            stats = self._train(self.config.method("fp"), model, seed, None, f"fp seed {seed}")
+            stats = self._train(self.config.method(reference), model, seed, None,
+                                f"{reference} seed {seed}")
             return model, stats
 
-        model, meta = self._cached(f"fp-seed{seed}", build)
+        model, meta = self._cached(f"{reference}-seed{seed}", build)
         return model, {k: meta.get(k) for k in ("train_seconds", "peak_memory_bytes",
                                                  "final_task_loss")}
 
@@ -347,15 +343,15 @@ class Bench:
         c = self.config
         return {"method": method.name, "bits": bits, "seed": seed, "model": c.model,
                 "dataset": c.dataset, "epochs": c.epochs, "pretrain_epochs": c.pretrain_epochs,
-                **stats, "recipe": c.recipe(), "config": as_dict(method.config),
-                "train": as_dict(method.training(c.method_training(seed))),
+                **stats, "recipe": c.recipe(), "config": method.options(),
+                "train": as_dict(c.method_training(method, seed)),
                 "device": c.device, **provenance()}
 
     def _fp_row(self, model: nn.Module, seed: int, stats: dict[str, Any]) -> dict[str, Any]:
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         float32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()
                             if t.is_floating_point())
-        row = self._base_row(self.config.method("fp"), FP_BITS, seed, stats)
+        row = self._base_row(self.config.method(reference_method()), FP_BITS, seed, stats)
         row.update(accuracy=accuracy, bits_per_weight=float(FP_BITS), file_bytes=float32_bytes,
                    compression_ratio=1.0)
         return row
@@ -363,12 +359,10 @@ class Bench:
     def _finish(self, method: Method, model: nn.Module, bits: int, seed: int,
                 stats: dict[str, Any], before: dict[str, Tensor], after: dict[str, Tensor]
                 ) -> dict[str, Any]:
-        """Snap `model` with `method` at `bits`, test and weigh it: one result row."""
+        """Convert `model` with `method` at `bits`, test and weigh it: one result row."""
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = quantize_with_data(method, model, self.splits,
-                                        self.config.method_training(seed), bits)
+        report = convert_with_data(model, self.splits, self.config.method_training(method, seed),
+                                   method, bits)
         quantize_seconds = time.perf_counter() - start
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         grids = {t.name: t.codebook.representatives().detach().cpu()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from qareg.errors import ConfigError
+from qareg.filetypes import describe, sniff
 from qareg.models import create_model
 from qareg.provenance import provenance
 from qareg.quantize import prepare_like
@@ -58,18 +60,28 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+EXPECTED = ("expected a qareg checkpoint: a .pt file written by qareg train or qareg "
+            "quantize")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at `path` as saved (model_spec, state_dict, meta, maybe train_state),
     read without running any code from the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    kind = sniff(path)
+    if kind == "missing":
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    if kind != "checkpoint":
+        raise ConfigError(f"{describe(path)}; {EXPECTED}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types
-        raise ConfigError(f"{str(path)!r} is not a readable qareg checkpoint: {error}") from None
+    except Exception:  # unpickling errors come in many types, with unhelpful messages
+        raise ConfigError(f"{str(path)!r} is a PyTorch archive that cannot be read as a qareg "
+                          f"checkpoint (truncated, or holding Python objects); "
+                          f"{EXPECTED}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ConfigError(f"{str(path)!r} is not a qareg checkpoint")
+        raise ConfigError(f"{str(path)!r} is a PyTorch file but not a qareg checkpoint (no "
+                          f"qareg format record); {EXPECTED}")
     if payload.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"{str(path)!r} has checkpoint format version {payload.get('format_version')!r}; "
@@ -78,11 +90,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def model_from_checkpoint(payload: dict[str, Any], device: str = "cpu") -> nn.Module:
-    """The network of a checkpoint read by `read_checkpoint`, codebooks restored."""
+def model_from_checkpoint(payload: dict[str, Any], device: str = "cpu",
+                          prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """The network of a checkpoint read by `read_checkpoint`, codebooks restored.
+
+    `prepare(model)` attaches what a method's training added (quantizers, hooks) before the
+    state is loaded; `qareg.runs` passes the method that saved an unfinished run.
+    """
     model = create_model(**payload["model_spec"])
-    prepare_like(model, payload["state_dict"])
-    model.load_state_dict(payload["state_dict"])
+    if prepare is not None:
+        prepare(model)
+    else:
+        prepare_like(model, payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise ConfigError(f"the checkpoint's weights do not fit {payload['model_spec']['name']}"
+                          f" as rebuilt: {str(error).splitlines()[0]}") from None
     return model.to(device)
 
 

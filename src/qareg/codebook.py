@@ -1,4 +1,4 @@
-"""The learnable per-tensor codebook and nearest-representative assignment.
+"""The learnable per-tensor codebook.
 
 A `Codebook` holds k representatives for one weight tensor as an `nn.Parameter`, so the
 optimiser, `state_dict()` and DistributedDataParallel see it like any other parameter.
@@ -22,36 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from qareg.cluster1d import initial_representatives
+from qareg.nearest import assign
 
 # Smallest distance between neighbouring representatives, in units of the tensor's scale.
 MIN_GAP = 1e-5
-
-
-def _midpoints_rounded_down(representatives: Tensor, dtype: torch.dtype) -> Tensor:
-    """Midpoints of neighbouring representatives, exact, then rounded down to `dtype`.
-
-    For a value v of `dtype`, v <= round_down(m) exactly when v <= m, so comparing against
-    these boundaries gives the same answer as comparing against the exact midpoints.
-    """
-    c = representatives.detach().double()
-    exact = (c[:-1] + c[1:]) / 2  # (k - 1,); exact in float64 for float32 representatives
-    rounded = exact.to(dtype)
-    too_high = rounded.double() > exact
-    lower = torch.nextafter(rounded, torch.full_like(rounded, -math.inf))
-    return torch.where(too_high, lower, rounded)
-
-
-def assign(values: Tensor, representatives: Tensor) -> Tensor:
-    """Index of the nearest representative for every value; a tie goes to the lower index.
-
-    `representatives` (k,) must be strictly increasing. A binary search of the k - 1
-    midpoints: O(N log k) time and an (N,) int64 result, never an N x k matrix.
-    """
-    assert representatives.dim() == 1, f"representatives must be 1-D, got {representatives.shape}"
-    boundaries = _midpoints_rounded_down(representatives, values.dtype).to(values.device)
-    # bucketize: boundaries[i - 1] < v <= boundaries[i] -> i, so a value exactly on a
-    # midpoint goes to the representative below it.
-    return torch.bucketize(values.detach(), boundaries)
 
 
 def rms_scale(values: Tensor) -> float:
@@ -74,7 +48,8 @@ class Codebook(nn.Module):
 
     @classmethod
     def fit(
-        cls, values: Tensor, k: int, init: str = "kmeans", generator: torch.Generator | None = None
+        cls, values: Tensor, k: int, init: str = "kmeans-exact",
+        generator: torch.Generator | None = None,
     ) -> Codebook:
         """A codebook for `values`, initialised by one of `qareg.cluster1d.INITS`."""
         scale = rms_scale(values)
@@ -112,7 +87,8 @@ class Codebook(nn.Module):
         self.normalized.copy_(torch.cummax(ordered - steps, dim=0).values + steps)
 
     def assign(self, values: Tensor) -> Tensor:
-        """Index of the nearest representative for every value of `values`."""
+        """Index of the nearest representative for every value of `values` (the rule of
+        `qareg.nearest`)."""
         return assign(values, self.representatives())
 
     def quantize(self, values: Tensor) -> Tensor:

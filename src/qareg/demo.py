@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from qareg.compress import save_compressed
-from qareg.config import RegularizerConfig, TrainConfig, as_dict, check_folder, check_int
+from qareg.config import TrainConfig, as_dict
 from qareg.data import load_dataset
-from qareg.engine import convert_with_data, evaluate, train
+from qareg.engine import convert_with_data, train
 from qareg.errors import ConfigError
+from qareg.evaluation import evaluate
+from qareg.methods import Method, create_method
 from qareg.models import create_model
 from qareg.provenance import provenance
 from qareg.quantize import prepare, select_tensors
+from qareg.validate import check_folder, check_int
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class DemoConfig:
         if not isinstance(self.ks, (list, tuple)) or not self.ks:
             raise ConfigError(f"ks must be a list of at least one k, got {self.ks!r}")
         for k in self.ks:
-            RegularizerConfig(k=k, lam=self.lam)
+            self.qareg(k)  # validates k and lam
         if len(set(self.ks)) != len(self.ks):
             raise ConfigError(f"ks must not repeat a k, got {list(self.ks)!r}")
         object.__setattr__(self, "ks", tuple(self.ks))
@@ -62,8 +65,9 @@ class DemoConfig:
         return TrainConfig(model=self.model, epochs=self.qareg_epochs, optimizer="adam",
                            lr=1e-3, seed=self.seed, device=self.device)
 
-    def regularizer(self, k: int) -> RegularizerConfig:
-        return RegularizerConfig(k=k, lam=self.lam)
+    def qareg(self, k: int) -> Method:
+        """qareg at its defaults with codebooks of k representatives and this lambda."""
+        return create_method("qareg", {"k": k, "lam": self.lam})
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
@@ -100,9 +104,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
             fp_bytes = add_row("ptq-kmeans", k, ptq, convert_with_data(ptq, splits, fp_config),
                                folder)
         for k in config.ks:
-            reg_config = config.regularizer(k)
-            tuned = prepare(copy.deepcopy(model), k, init=reg_config.init, seed=config.seed)
-            train(tuned, splits, config.fine_tuning(), reg_config, augment=False,
+            method, tuned = config.qareg(k), copy.deepcopy(model)
+            method.prepare(tuned, None, config.seed)
+            train(tuned, splits, config.fine_tuning(), method, augment=False,
                   progress=progress, description=f"qareg k={k}")
             add_row("qareg", k, tuned, convert_with_data(tuned, splits, fp_config), folder)
     return {

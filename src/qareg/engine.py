@@ -1,9 +1,10 @@
-"""The one training and evaluation loop, for full precision and regularized training alike.
+"""The one training loop, for every method: full precision, qareg and its rivals alike.
 
 Reads top to bottom: build the loaders and the optimiser, then for every batch
-`loss = task + lambda(t) * penalty`, step, and after every epoch measure on the validation
-split (for regularized runs also after snapping a copy of the network), log a JSON line and
-call back (checkpointing lives with the caller).
+`loss = task + lambda(t) * regularizer` (both from the method), step, and after every epoch
+measure on the validation split (for methods that quantize while training, also after
+converting a copy of the network), write the metrics file and call back (checkpointing
+lives with the caller, `qareg.runs`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -26,17 +26,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from qareg.config import RegularizerConfig, TrainConfig
+from qareg.checkpoint import atomic_write
+from qareg.codebook import Codebook
+from qareg.config import TrainConfig
 from qareg.data import BatchLoader, DatasetSplits, TensorData
 from qareg.distributed import current_world, mean_over_ranks, shard
-from qareg.errors import ConfigError, QaregError
-from qareg.methods.base import Method, Progress, snap_with
-from qareg.methods.codebook_methods import QaregMethod
-from qareg.quantize import ConversionReport, convert, quantized_tensors
-
-
-class TrainingDiverged(QaregError):
-    """The loss or the weights became NaN or infinite."""
+from qareg.errors import ConfigError, TrainingDiverged
+from qareg.evaluation import bn_loader, evaluate
+from qareg.methods.base import Method, Progress
+from qareg.quantize import ConversionReport, convert
 
 
 @dataclass(frozen=True)
@@ -48,70 +46,45 @@ class EpochMetrics:
     penalty: float  # mean unweighted regularization term (0 without a regularizer)
     lam: float  # lambda at the end of the epoch
     lr: float  # learning rate at the end of the epoch
-    val_accuracy: float  # percent, full-precision weights
-    val_accuracy_quantized: float | None  # percent, after snapping a copy (regularized runs)
+    val_accuracy: float  # percent, the network as it trains (quantizers in place)
+    val_accuracy_quantized: float | None  # percent, after converting a copy (None: fp, ptq)
     seconds: float  # wall time of the epoch, evaluation included
 
 
-def eval_loader(data: TensorData, splits: DatasetSplits, device: str | torch.device,
-                batch_size: int = 1000) -> BatchLoader:
-    """Batches of `data` in order, without augmentation."""
-    return BatchLoader(data, batch_size, splits.mean, splits.std, shuffle=False, device=device)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, splits: DatasetSplits,
-             device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of `model` on `data`, in percent."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for x, y in eval_loader(data, splits, device):
-        correct += (model(x).argmax(dim=1) == y).sum()
-    model.train(was_training)
-    return 100.0 * correct.item() / max(1, len(data))
-
-
-def bn_loader(splits: DatasetSplits, config: TrainConfig) -> BatchLoader:
-    """Training batches without augmentation, for re-estimating batch norm after convert."""
-    return BatchLoader(splits.train, config.batch_size, splits.mean, splits.std, shuffle=True,
-                       seed=config.seed + 1, device=config.device)
-
-
-def convert_with_data(model: nn.Module, splits: DatasetSplits,
-                      config: TrainConfig) -> ConversionReport:
-    """`qareg.convert` with batch norm re-estimated on `config.bn_batches` training batches."""
-    return convert(model, bn_loader(splits, config), bn_max_batches=config.bn_batches)
-
-
-def quantize_with_data(method: Method, model: nn.Module, splits: DatasetSplits,
-                       config: TrainConfig, bits: int | None = None) -> ConversionReport:
-    """Finalize `model` with `method` at `bits` (default: the bits it was prepared for) and
-    snap it, batch norm re-estimated on `config.bn_batches` training batches; in place."""
-    bits = method.bits if bits is None else bits
-    return snap_with(method, model, bits, bn_loader(splits, config), config.bn_batches)
+def convert_with_data(model: nn.Module, splits: DatasetSplits, config: TrainConfig,
+                      method: Method | None = None, bits: int | None = None
+                      ) -> ConversionReport:
+    """Make the trained `model` a quantized one, in place, with batch norm re-estimated on
+    `config.bn_batches` training batches: `method.convert(model, bits, ...)`, or without a
+    method `qareg.convert` to the codebooks the model has (post-training k-means after
+    `qareg.prepare`, or a network trained with codebooks)."""
+    batches = bn_loader(splits, config)
+    if method is None:
+        return convert(model, batches, bn_max_batches=config.bn_batches)
+    return method.convert(model, bits, batches, config.bn_batches)
 
 
 def quantized_accuracy(model: nn.Module, data: TensorData, splits: DatasetSplits,
                        config: TrainConfig, method: Method) -> float:
-    """Accuracy on `data` of a copy of `model` quantized by `method`; the model itself is
+    """Accuracy on `data` of a copy of `model` converted by `method`; the model itself is
     left as it is."""
-    snapped = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_with_data(method, snapped, splits, config)
-    return evaluate(snapped, data, splits, config.device)
+    converted = copy.deepcopy(model)
+    convert_with_data(converted, splits, config, method)
+    return evaluate(converted, data, splits, config.device)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig,
                    method: Method | None) -> torch.optim.Optimizer:
     """Network weights with weight decay; the method's own parameters (codebooks, step
     sizes, gates) in groups without it (decay would drag representatives toward zero) and at
-    lr * their lr_scale."""
+    lr * their lr_scale. Codebooks no method claims (a prepared model trained in full
+    precision) get a group without decay too."""
     own = method.param_groups(model) if method is not None else []
-    if method is None and quantized_tensors(model):  # a prepared model trained in full precision
-        own = [{"params": [t.codebook.normalized for t in quantized_tensors(model)],
-                "lr_scale": 1.0}]
+    claimed = {id(p) for group in own for p in group["params"]}
+    loose = [p for m in model.modules() if isinstance(m, Codebook) for p in m.parameters()
+             if id(p) not in claimed]
+    if loose:
+        own = [*own, {"params": loose, "lr_scale": 1.0}]
     own_ids = {id(p) for group in own for p in group["params"]}
     weights = [p for p in model.parameters() if id(p) not in own_ids]
     groups = [{"params": weights, "weight_decay": config.weight_decay, "lr": config.lr}]
@@ -162,13 +135,18 @@ def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _write_metrics(path: Path, history: list[EpochMetrics]) -> None:
+    """The metrics file: one JSON line per epoch so far, replaced atomically."""
+    lines = "".join(json.dumps(asdict(m)) + "\n" for m in history).encode()
+    atomic_write(path, lambda f: f.write(lines))
+
+
 def train(
     model: nn.Module,
     splits: DatasetSplits,
     config: TrainConfig,
-    regularizer: RegularizerConfig | None = None,
-    *,
     method: Method | None = None,
+    *,
     augment: bool = True,
     metrics_path: str | Path | None = None,
     progress: bool = True,
@@ -178,12 +156,9 @@ def train(
     resume: dict[str, Any] | None = None,
     description: str = "train",
 ) -> list[EpochMetrics]:
-    """Train `model` (already on `config.device`) for `config.epochs` epochs; returns the
-    metrics of every epoch.
-
-    With `regularizer`, the model must be prepared with codebooks (`qareg.prepare`) and is
-    trained with qareg's penalty; with `method` (already `prepare`d on the model), the loss
-    is `task + method.lam(t) * method.regularizer(...)`, whatever the method is.
+    """Train `model` (already on `config.device`, and `prepare`d by `method`) for
+    `config.epochs` epochs; returns the metrics of every epoch. The loss is
+    `task + method.lam(t) * method.regularizer(...)`; without a method, plain training.
 
     After every epoch `save_state(state)` receives what resuming needs besides the model
     (optimizer, schedule, random states, epoch, metrics so far); `resume=state` continues
@@ -198,12 +173,9 @@ def train(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    if regularizer is not None and not quantized_tensors(model):
-        raise QaregError("train with a regularizer needs a model prepared with codebooks")
-    if regularizer is not None and method is not None:
-        raise QaregError("train takes a regularizer or a method, not both")
-    if regularizer is not None:
-        method = QaregMethod(regularizer)
+    if method is not None and not isinstance(method, Method):
+        raise ConfigError(f"method must be a qareg.methods.Method (create_method(name)), got "
+                          f"{type(method).__name__}")
     world = current_world()
     if config.batch_size % world.size:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
@@ -231,8 +203,8 @@ def train(
         _set_rng_states(resume["rng"], device)
         history = [EpochMetrics(**m) for m in resume["history"]]
         step, first_epoch = resume["step"], resume["epoch"] + 1
-        if metrics_file is not None:  # the lines of the epochs kept, none of a lost one
-            metrics_file.write_text("".join(json.dumps(asdict(m)) + "\n" for m in history))
+        if metrics_file is not None and history:  # the epochs kept, none of a lost one
+            _write_metrics(metrics_file, history)
     for epoch in range(first_epoch, config.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -286,6 +258,8 @@ def train(
             seconds=time.perf_counter() - start,
         )
         history.append(metrics)
+        if metrics_file is not None:  # written once an epoch ends: never an empty file
+            _write_metrics(metrics_file, history)
         if world.is_main and save_state is not None:
             save_state({
                 "epoch": epoch,
@@ -296,10 +270,6 @@ def train(
                 "rng": _rng_states(device),
                 "history": [asdict(m) for m in history],
             })
-        if metrics_file is not None:
-            metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(asdict(metrics)) + "\n")
         if on_epoch is not None and world.is_main:
             on_epoch(metrics)
     return history

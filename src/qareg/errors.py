@@ -1,4 +1,8 @@
-"""Exceptions for bad user input: the CLI turns any `QaregError` into exit code 2."""
+"""Exceptions and warnings of qareg: a leaf module that imports nothing of the package.
+
+Every `QaregError` is caused by user input rather than by a bug; the CLI turns it into a
+message and exit code 2 (1 for `TrainingDiverged`).
+"""
 
 
 class QaregError(Exception):
@@ -11,3 +15,16 @@ class ConfigError(QaregError, ValueError):
 
 class DataError(QaregError):
     """Missing or malformed data files; the message names the folder and the files expected."""
+
+
+class NotPreparedError(QaregError):
+    """A method or function needs a model prepared for it (codebooks, quantizers, hooks)
+    and got one without; the message names what to call first."""
+
+
+class TrainingDiverged(QaregError):
+    """The loss or the weights became NaN or infinite."""
+
+
+class QaregWarning(UserWarning):
+    """Something worth knowing that does not stop the work (a fallback, a skipped step)."""

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qareg.penalty_kernels import NearestPenalty, nearest_indices
-
-VARIANTS = ("hard", "soft", "abs")
+from qareg.constants import PENALTY_VARIANTS as VARIANTS
+from qareg.nearest import assign
+from qareg.penalty_kernels import NearestPenalty
 
 
 def _floor(scale: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ def soft_penalty(
     """
     w = weights.flatten()
     k = representatives.numel()
-    nearest = nearest_indices(w, representatives)  # (N,)
+    nearest = assign(w, representatives)  # (N,)
     candidates = nearest.unsqueeze(1) + torch.arange(-1, 2, device=w.device)  # (N, 3)
     valid = (candidates >= 0) & (candidates < k)
     reps = representatives[candidates.clamp(0, k - 1)]  # (N, 3)

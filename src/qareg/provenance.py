@@ -29,7 +29,7 @@ def git_commit() -> str:
 
 def provenance() -> dict[str, str]:
     """A record to store beside every checkpoint, result and plot."""
-    from qareg import __version__
+    from qareg.version import __version__
 
     return {
         "qareg_version": __version__,

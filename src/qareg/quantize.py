@@ -17,15 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from qareg.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from qareg.cluster1d import INITS
 from qareg.codebook import Codebook
-from qareg.errors import ConfigError
+from qareg.constants import CODEBOOK_SUFFIX, DEFAULT_LAYERS, MAX_K
+from qareg.errors import ConfigError, NotPreparedError, QaregWarning
 from qareg.penalties import VARIANTS, tensor_penalty
-
-CODEBOOK_SUFFIX = "_codebook"
-MAX_K = 1 << 16  # indices are stored with at most 16 bits
-
-DEFAULT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # every Conv*d and ConvTranspose*d
+from qareg.validate import check_init
 
 FilterFn = Callable[[str, nn.Parameter, nn.Module], bool]
 
@@ -56,8 +52,9 @@ def quantized_tensors(model: nn.Module) -> list[QuantizedTensor]:
     return found
 
 
-def _candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Parameter]]:
-    """Parameters that may be quantized (not codebooks), by qualified name."""
+def parameter_candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Parameter]]:
+    """Parameters that may be quantized (not codebooks), by qualified name: (owning module,
+    attribute, parameter)."""
     out = {}
     for prefix, module in model.named_modules():
         if isinstance(module, Codebook):
@@ -74,7 +71,8 @@ def _first_match(name: str, patterns: Mapping[str, object]) -> object | None:
     return None
 
 
-def _check_patterns_match(patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+def check_patterns_match(patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+    """Every glob pattern must match one of `names`; the error lists them."""
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
@@ -99,10 +97,10 @@ def select_tensors(
     names such as "features.*.weight"), or `filter_fn(name, param, module)`, choose others;
     `exclude` patterns remove names from the choice.
     """
-    candidates = _candidates(model)
+    candidates = parameter_candidates(model)
     names = list(candidates)
-    _check_patterns_match(include or (), names, "include pattern")
-    _check_patterns_match(exclude, names, "exclude pattern")
+    check_patterns_match(include or (), names, "include pattern")
+    check_patterns_match(exclude, names, "exclude pattern")
     chosen = []
     for name, (module, attribute, param) in candidates.items():
         if filter_fn is not None:
@@ -126,25 +124,24 @@ def prepare(
     exclude: Sequence[str] = (),
     filter_fn: FilterFn | None = None,
     k_per_tensor: Mapping[str, int] | None = None,
-    init: str = "kmeans",
+    init: str = "kmeans-exact",
     seed: int = 0,
 ) -> nn.Module:
     """Attach a learnable codebook of `k` representatives to each chosen tensor; returns `model`.
 
     Tensors are chosen by `select_tensors` (Conv and Linear weights by default);
     `k_per_tensor` maps glob patterns to k for some tensors (first match wins); `init` is one
-    of "linear", "quantile", "kmeans++", "kmeans" (the exact optimum, `kmeans1d`; the
-    default) or "lloyd" (Lloyd's local search from quantiles).
+    of "linear", "quantile", "kmeans++", "kmeans-exact" (the exact optimum, `kmeans1d`; the
+    default) or "kmeans-lloyd" (Lloyd's local search from quantiles).
     """
     _check_k(k, "")
     k_per_tensor = dict(k_per_tensor or {})
     for pattern, value in k_per_tensor.items():
         _check_k(value, f" for {pattern!r}")
-    if init not in INITS:
-        raise ConfigError(f"unknown codebook init {init!r}; valid inits: {', '.join(INITS)}")
+    init = check_init("init", init)
     chosen = select_tensors(model, include, exclude, filter_fn)
-    _check_patterns_match(k_per_tensor, chosen, "k_per_tensor pattern")
-    candidates = _candidates(model)
+    check_patterns_match(k_per_tensor, chosen, "k_per_tensor pattern")
+    candidates = parameter_candidates(model)
     plan = []
     for name in chosen:
         module, attribute, param = candidates[name]
@@ -167,7 +164,7 @@ def prepare(
 def prepare_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Attach empty codebooks wherever `state_dict` (of a prepared model) has one, so that
     `model.load_state_dict(state_dict)` then restores them."""
-    candidates = _candidates(model)
+    candidates = parameter_candidates(model)
     key_end = CODEBOOK_SUFFIX + ".normalized"
     for key, value in state_dict.items():
         if not key.endswith(key_end):
@@ -181,10 +178,12 @@ def prepare_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
     return model
 
 
-def _require_codebooks(model: nn.Module) -> list[QuantizedTensor]:
+def require_codebooks(model: nn.Module) -> list[QuantizedTensor]:
+    """`quantized_tensors(model)`, which must not be empty."""
     tensors = quantized_tensors(model)
     if not tensors:
-        raise ConfigError("the model has no codebooks: call qareg.prepare(model, k=...) first")
+        raise NotPreparedError("the model has no codebooks: call qareg.prepare(model, k=...) "
+                               "first")
     return tensors
 
 
@@ -198,7 +197,7 @@ def penalty_terms(
             and temperature > 0):
         raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
     terms = {}
-    for t in _require_codebooks(model):
+    for t in require_codebooks(model):
         t.codebook.project_()
         terms[t.name] = tensor_penalty(
             variant, t.weight, t.codebook.representatives(), t.codebook.scale, temperature
@@ -222,7 +221,7 @@ def penalty(
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"layer weight for {pattern!r} must be >= 0, got {weight!r}")
     terms = penalty_terms(model, variant, temperature=temperature)
-    _check_patterns_match(layer_weights, list(terms), "layer_weights pattern")
+    check_patterns_match(layer_weights, list(terms), "layer_weights pattern")
     total = None
     for name, term in terms.items():
         weight = _first_match(name, layer_weights)
@@ -292,7 +291,7 @@ def convert(
     statistics on `bn_batches` (training inputs, or (inputs, labels) pairs, on the model's
     device). Codebooks stay attached, so the indices can be recovered for storage."""
     reports = []
-    for t in _require_codebooks(model):
+    for t in require_codebooks(model):
         t.codebook.project_()
         weight = t.weight
         indices = t.codebook.assign(weight)
@@ -317,6 +316,6 @@ def convert(
         warnings.warn(
             "convert: batch-norm statistics were not re-estimated (pass bn_batches=training "
             "batches); snapping shifts them and usually costs accuracy",
-            stacklevel=2,
+            QaregWarning, stacklevel=2,
         )
     return ConversionReport(tuple(reports), used)

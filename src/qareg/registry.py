@@ -27,6 +27,10 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def replace(self, name: str, obj: T) -> None:
+        """Store `obj` under `name`, replacing any entry of that name."""
+        self._entries[name] = obj
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise ConfigError(

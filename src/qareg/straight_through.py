@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from qareg.codebook import Codebook
-from qareg.penalty_kernels import index_dtype, nearest_indices
-from qareg.quantize import _require_codebooks
+from qareg.nearest import assign, index_dtype
+from qareg.quantize import require_codebooks
 
 SLICE = 1 << 20  # entries per slice when summing gradients per representative
 
@@ -40,7 +40,7 @@ class SnappedStraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, latent: Tensor, representatives: Tensor) -> Tensor:
         table = representatives.detach().to(latent.dtype)  # (k,)
-        indices = nearest_indices(latent, table)  # latent's shape, int64
+        indices = assign(latent, table)  # latent's shape, int64
         ctx.save_for_backward(indices.to(index_dtype(table.numel())))
         ctx.rep_dtype, ctx.k = representatives.dtype, table.numel()
         return table[indices]
@@ -76,7 +76,7 @@ def straight_through(model: nn.Module) -> Iterator[nn.Module]:
     straight-through gradients (module docstring). Call `qareg.prepare` first."""
     shadowed = []
     try:
-        for t in _require_codebooks(model):
+        for t in require_codebooks(model):
             t.codebook.project_()  # sorted and distinct, as the nearest lookup needs
             snapped = snapped_straight_through(t.weight, t.codebook)
             shadowed.append(t)

@@ -156,7 +156,7 @@ def test_other_files_are_not_qareg_files(tmp_path):
     safetensors.torch.save_file({"w": torch.zeros(3)}, plain)
     text = tmp_path / "notes.txt"
     text.write_text("these are notes, not a model")
-    for path, message in ((plain, "no qareg header"), (text, "declares"),
+    for path, message in ((plain, "no qareg header"), (text, "is a text file; expected a qareg"),
                           (tmp_path / "missing.qz", "does not exist")):
         with pytest.raises(CompressedFileError, match=message):
             load_compressed(path)

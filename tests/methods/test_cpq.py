@@ -9,7 +9,7 @@ import qareg
 from qareg.config import TrainConfig
 from qareg.engine import bn_loader, evaluate, train
 from qareg.errors import ConfigError
-from qareg.methods.base import Progress, snap_with
+from qareg.methods.base import Progress
 from qareg.methods.cpq import (
     CPQConfig,
     CPQMethod,
@@ -260,7 +260,7 @@ def test_end_to_end_lenet5(tiny_splits):
     assert torch.equal(model(x), twin(x))
 
     calibration = bn_loader(tiny_splits, config)
-    report = snap_with(method, model, bits, calibration)
+    report = method.convert(model, bits, calibration)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert len(report.tensors) == 5
     for t in report.tensors:

@@ -10,7 +10,6 @@ from qareg import assign, engine
 from qareg.cluster1d import initial_representatives
 from qareg.config import TrainConfig
 from qareg.errors import ConfigError
-from qareg.methods.base import snap_with
 from qareg.methods.dkm import (
     DKMConfig,
     DKMMethod,
@@ -18,7 +17,7 @@ from qareg.methods.dkm import (
     dkm_attention,
     dkm_soft_weights,
 )
-from qareg.methods.lsq import find_parametrizations
+from qareg.methods.parametrized import find_parametrizations
 
 
 def setup_tensors(seed=0, n=200, k=4):
@@ -83,7 +82,7 @@ def test_centroids_start_at_kmeans_and_receive_gradient():
     model, method, found = prepared(bits=2)
     for module, quantizer in found.values():
         latent = module.parametrizations.weight.original
-        start = initial_representatives(latent.detach(), 4, "kmeans").float()
+        start = initial_representatives(latent.detach(), 4, "kmeans-exact").float()
         assert torch.allclose(quantizer.centroids(), start, rtol=1e-5, atol=1e-7)
     centroids = method.param_groups(model)[0]["params"]
     assert [id(p) for p in centroids] == [id(q.codebook.normalized) for _, q in found.values()]
@@ -96,8 +95,8 @@ def test_centroids_start_at_kmeans_and_receive_gradient():
 
 def test_temperature_follows_the_scale_of_the_tensor():
     w = torch.randn(300, generator=torch.Generator().manual_seed(3)) * 0.05
-    small = DKMQuantizer(w, 2, tau=0.3, init="kmeans")
-    large = DKMQuantizer(w * 10, 2, tau=0.3, init="kmeans")
+    small = DKMQuantizer(w, 2, DKMConfig(tau=0.3))
+    large = DKMQuantizer(w * 10, 2, DKMConfig(tau=0.3))
     gaps = small.centroids().detach().double().diff()
     assert small.temperature.item() == pytest.approx(0.3 * gaps.square().mean().item(), rel=1e-5)
     assert large.temperature.item() == pytest.approx(100 * small.temperature.item(), rel=1e-4)
@@ -105,7 +104,7 @@ def test_temperature_follows_the_scale_of_the_tensor():
 
 
 def test_no_more_centroids_than_weights():
-    quantizer = DKMQuantizer(torch.randn(20), 8, tau=0.3, init="kmeans")
+    quantizer = DKMQuantizer(torch.randn(20), 8, DKMConfig(tau=0.3))
     assert quantizer.centroids().numel() == 20
 
 
@@ -149,7 +148,7 @@ def test_one_epoch_on_lenet5_then_snap(tiny_splits, bits):
     method.prepare(model, bits, seed=0)
     config = TrainConfig(model="lenet5", epochs=1, optimizer="adam", lr=1e-3, batch_size=64)
     engine.train(model, tiny_splits, config, method=method, progress=False, augment=False)
-    report = snap_with(method, model, bits, engine.bn_loader(tiny_splits, config))
+    report = method.convert(model, bits, engine.bn_loader(tiny_splits, config))
     assert len(report.tensors) == 5
     for t in report.tensors:
         assert model.get_parameter(t.name).unique().numel() <= 2 ** bits

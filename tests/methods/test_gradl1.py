@@ -9,7 +9,8 @@ import qareg
 from qareg import engine
 from qareg.config import TrainConfig
 from qareg.errors import ConfigError, QaregError
-from qareg.methods.base import Progress, snap_with
+from qareg.evaluation import eval_loader
+from qareg.methods.base import Progress
 from qareg.methods.gradl1 import (
     GradL1Config,
     GradL1Method,
@@ -173,7 +174,7 @@ def test_penalty_lowers_the_gradient_l1_norm(tiny_splits):
     base = qareg.create_model("lenet5", 10, 1, 28)
     config = TrainConfig(model="lenet5", epochs=3, optimizer="adam", lr=1e-3, batch_size=64)
     engine.train(base, tiny_splits, config, progress=False, augment=False)
-    x_val, y_val = next(iter(engine.eval_loader(tiny_splits.val, tiny_splits, "cpu")))
+    x_val, y_val = next(iter(eval_loader(tiny_splits.val, tiny_splits, "cpu")))
 
     def held_out_norm(model, method):
         return penalty_of(model, method, x_val, y_val).item()
@@ -212,7 +213,7 @@ def test_end_to_end_lenet(tiny_splits):
     assert len(per_channel) == 1 and per_channel[0]["per_channel"]
     assert find_recorder(model) is not None  # the sweep quantized copies only
     snapped = copy.deepcopy(model)
-    report = snap_with(method, snapped, 4, calibration, 2)
+    report = method.convert(snapped, 4, calibration, 2)
     assert len(report.tensors) == 5
     for t in report.tensors:
         assert snapped.get_parameter(t.name).unique().numel() <= 16

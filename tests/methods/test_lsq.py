@@ -10,15 +10,14 @@ import qareg
 from qareg import engine
 from qareg.config import TrainConfig
 from qareg.errors import ConfigError
-from qareg.methods.base import snap_with
 from qareg.methods.lsq import (
     LSQConfig,
     LSQMethod,
     LSQQuantizer,
-    find_parametrizations,
     lsq_quantize,
     lsq_range,
 )
+from qareg.methods.parametrized import find_parametrizations
 
 
 def small_net(seed=0):
@@ -165,7 +164,7 @@ def test_one_epoch_on_lenet5_then_snap(tiny_splits, bits):
                            augment=False)
     # the engine snapped a deep copy each epoch: that one saw what the network computes
     assert history[-1].val_accuracy_quantized == history[-1].val_accuracy
-    report = snap_with(method, model, bits, engine.bn_loader(tiny_splits, config))
+    report = method.convert(model, bits, engine.bn_loader(tiny_splits, config))
     assert len(report.tensors) == 5
     for t in report.tensors:
         assert model.get_parameter(t.name).unique().numel() <= 2 ** bits

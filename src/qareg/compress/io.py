@@ -30,9 +30,13 @@ from torch import nn
 from qareg.checkpoint import atomic_write
 from qareg.compress.bitpack import pack_bits, packed_size, unpack_bits
 from qareg.compress.entropy import empirical_entropy_bytes, range_decode, range_encode
+from qareg.constants import CODEBOOK_SUFFIX
 from qareg.errors import ConfigError, QaregError
+from qareg.filetypes import describe, sniff
+from qareg.models import create_model
 from qareg.provenance import provenance
-from qareg.quantize import CODEBOOK_SUFFIX, quantized_tensors
+from qareg.quantize import quantized_tensors
+from qareg.version import __version__
 
 FORMAT = "qareg-compressed"
 FORMAT_VERSION = 1
@@ -195,8 +199,6 @@ def save_compressed(
     raw = {key: value.detach().cpu() for key, value in model.state_dict().items()
            if key not in skip}
     tensors.update({f"raw/{key}": value for key, value in raw.items()})
-    from qareg import __version__
-
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -245,11 +247,12 @@ def _fail(path: Path, message: str) -> CompressedFileError:
 def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(safetensors header without metadata, qareg header, offset of the data), checked."""
     if len(data) < 8:
-        raise _fail(path, f"{len(data)} bytes: too short for a safetensors file")
+        raise _fail(path, f"{len(data)} bytes: too short for a safetensors file; {EXPECTED}")
     (length,) = struct.unpack("<Q", data[:8])
     if length > MAX_HEADER_BYTES or 8 + length > len(data):
         raise _fail(path, f"the header declares {length} bytes but the file has "
-                    f"{len(data) - 8} after the length field (truncated or not a qareg file)")
+                    f"{len(data) - 8} after the length field: truncated, or not a qareg "
+                    f"compressed file; {EXPECTED}")
     try:
         layout = json.loads(data[8:8 + length])
         assert isinstance(layout, dict)
@@ -288,10 +291,18 @@ def _read_tensors(path: Path, data: bytes, layout: dict[str, Any], header: dict[
         raise _fail(path, f"not a valid safetensors container: {error}") from None
 
 
+EXPECTED = "expected a qareg compressed file: a .qz file written by qareg compress"
+
+
 def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
     path = Path(path)
-    if not path.is_file():
-        raise CompressedFileError(f"{str(path)!r} does not exist or is not a file")
+    kind = sniff(path)
+    if kind == "checkpoint":
+        raise CompressedFileError(f"{str(path)!r} is a qareg checkpoint (.pt), not a compressed "
+                                  f"file: `qareg compress {path} OUT.qz` writes one from it "
+                                  "(once quantized)")
+    if kind in ("missing", "folder", "empty", "text"):
+        raise CompressedFileError(f"{describe(path)}; {EXPECTED}")
     data = path.read_bytes()
     try:
         layout, header, base = _read_header(path, data)
@@ -324,12 +335,7 @@ def _check_entries(path: Path, header: dict[str, Any], tensors: dict[str, torch.
 
 def is_compressed_file(path: str | Path) -> bool:
     """Whether `path` looks like a qareg compressed file (a cheap sniff, not a check)."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            return length <= MAX_HEADER_BYTES and b'"qareg"' in f.read(length)
-    except (OSError, struct.error):
-        return False
+    return sniff(path) == "compressed"
 
 
 def inspect_compressed(path: str | Path) -> CompressedInfo:
@@ -365,8 +371,6 @@ def load_compressed(path: str | Path, model: nn.Module | None = None,
     if model is None:
         if header["model"] is None:
             raise _fail(path, "the file records no registry model: pass model=<your module>")
-        from qareg.models import create_model
-
         try:
             model = create_model(**header["model"])
         except (ConfigError, TypeError) as error:

@@ -1,26 +1,33 @@
 """The harness every compression method plugs into: one interface, one registry.
 
-A method is a config dataclass plus a `Method` subclass registered under its name. The
-engine and `qareg bench` treat every method alike:
+A method is one file: a config dataclass plus a `Method` subclass decorated with
+`register_method`. The training engine, `qareg train` and `qareg bench` treat every method
+alike, and learn what they need from the class (`post_training`, `quantizes`, `recipe`):
 
 1. `prepare(model, bits, seed)` attaches what training needs: codebooks, learnable
    quantizers (as `torch.nn.utils.parametrize` parametrizations of the weights), hooks.
-2. Training: `loss = task + method.regularizer(...)` on one line of the engine; the method's
-   own parameters (`param_groups`) get no weight decay and their own learning-rate scale.
-3. `finalize(model, bits, calibration)` makes the network a plain one whose selected weights
-   hold only the values of a small grid, and returns that grid per tensor. The harness then
-   attaches the grids as codebooks (`attach_codebooks`) and runs `qareg.convert`, so every
-   method ends in the same form: the same accuracy check, report, bits per weight and
-   compressed file.
+2. Training: the forward pass runs in `forward_context`, and the engine writes
+   `loss = task + method.lam(t) * method.regularizer(...)` on one line; the method's own
+   parameters (`param_groups`) get no weight decay and their own learning-rate scale.
+3. `convert(model, bits, calibration)` makes the trained network a quantized one:
+   `finalize` leaves a plain network whose selected weights hold only the values of a
+   small grid and returns that grid per tensor; the harness attaches the grids as
+   codebooks and runs `qareg.convert` (batch norm re-estimated on `calibration`), so every
+   method ends in the same form: the same accuracy check, report and compressed file.
 
-Post-training methods (`post_training = True`: ptq-kmeans, ptq-uniform, gradl1) train once
-without knowing the bit-width (`prepare(model, None, seed)`) and are finalized at every
-bit-width from copies of the same trained network.
+The smallest method, the public extension contract: a post-training method
+(`post_training = True`) with a `name` that implements only
+`finalize(model, bits, calibration)`, returning each quantized tensor's grid by name.
+Post-training methods train without knowing the bit-width (`prepare(model, None, seed)`)
+and are converted at every bit-width from copies of the same trained network.
 """
 
 from __future__ import annotations
 
-from abc import ABC
+import dataclasses
+import inspect
+import os
+import warnings
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -30,18 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from qareg.codebook import Codebook
-from qareg.config import TrainConfig
+from qareg.config import from_dict
+from qareg.constants import CODEBOOK_SUFFIX, MAX_BITS
 from qareg.errors import ConfigError
-from qareg.quantize import (
-    CODEBOOK_SUFFIX,
-    ConversionReport,
-    _candidates,
-    convert,
-    quantized_tensors,
-)
+from qareg.quantize import ConversionReport, convert, parameter_candidates, quantized_tensors
 from qareg.registry import Registry
-
-MAX_BITS = 8  # bit-widths the harness accepts: 1 .. MAX_BITS (k = 2**bits)
+from qareg.validate import check_bits
 
 
 @dataclass(frozen=True)
@@ -59,31 +60,61 @@ class Progress:
         return self.step / max(1, self.total_steps)
 
 
-class Method(ABC):
+@dataclass(frozen=True)
+class NoOptions:
+    """The config of a method with nothing to configure."""
+
+
+Grids = dict[str, Tensor]  # tensor name -> its sorted grid values (what `finalize` returns)
+Calibration = Iterable | None  # training batches, for methods that need data
+
+# The hooks a method overrides when its training differs from plain full-precision training.
+TRAINING_HOOKS = ("prepare", "param_groups", "forward_context", "lam", "regularizer")
+
+
+class Method:
     """One compression method on the common harness (see the module docstring)."""
 
     name: ClassVar[str]  # the registry name, e.g. "lsq"
-    config_class: ClassVar[type]  # frozen dataclass with defaults, validated in __post_init__
-    post_training: ClassVar[bool] = False  # True: trains once, quantized at any bits afterwards
+    config_class: ClassVar[type] = NoOptions  # frozen dataclass, validated in __post_init__
+    post_training: ClassVar[bool] = False  # True: trains once, converted at any bits afterwards
+    quantizes: ClassVar[bool] = True  # False only for the full-precision reference
+    # TrainConfig fields of this method's recommended fine-tuning, used by `qareg train
+    # --init-from` and by `qareg bench`; training from scratch keeps TrainConfig's defaults.
+    recipe: ClassVar[dict[str, Any]] = {"optimizer": "adam", "lr": 1e-3}
 
     def __init__(self, config: Any = None) -> None:
         if config is None:
             config = self.config_class()
+        elif isinstance(config, dict):
+            config = from_dict(self.config_class, config, f"the options of method {self.name!r}")
         if not isinstance(config, self.config_class):
             raise ConfigError(f"method {self.name!r} takes a {self.config_class.__name__}, got "
                               f"{type(config).__name__}")
         self.config = config
         self.bits: int | None = None  # set by prepare
 
+    @classmethod
+    def trains_in_full_precision(cls) -> bool:
+        """Whether training with this method is plain full-precision training (it overrides
+        none of the training hooks), so that one such training serves all these methods."""
+        return all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINING_HOOKS)
+
+    def resolve_bits(self, bits: int | None) -> int | None:
+        """The bit-width this method trains or is converted at, given the one asked for:
+        a quantizing method needs one, from 1 to MAX_BITS; the reference takes none."""
+        if not self.quantizes:
+            if bits is not None:
+                raise ConfigError(f"method {self.name!r} does not quantize; drop bits={bits}")
+            return None
+        if bits is None:
+            raise ConfigError(f"method {self.name!r} needs bits (1 to {MAX_BITS})")
+        return check_bits(bits)
+
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
         """Attach what training needs to `model`, in place. `bits` is None for post-training
         methods, which learn without knowing the bit-width."""
         self.bits = bits
-
-    def training(self, recipe: TrainConfig) -> TrainConfig:
-        """The recipe this method trains with in a benchmark, given the shared one (same
-        epochs); a method whose optimizer needs differ (gradl1) overrides it."""
-        return recipe
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """The method's own parameters (codebooks, step sizes, gates), as optimizer groups:
@@ -108,43 +139,110 @@ class Method(ABC):
         task loss is given for methods that differentiate it); None: nothing."""
         return None
 
-    def finalize(self, model: nn.Module, bits: int, calibration: Iterable | None = None
-                 ) -> dict[str, Tensor]:
+    def finalize(self, model: nn.Module, bits: int, calibration: Calibration = None) -> Grids:
         """Make `model` a plain network (no parametrizations or hooks left) whose quantized
         weights take only grid values, in place; returns each tensor's grid, sorted, at most
         2**bits values. `calibration`: training batches, for methods that need data."""
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} implements no finalize")
+
+    def convert(self, model: nn.Module, bits: int | None = None, calibration: Calibration = None,
+                bn_max_batches: int | None = None) -> ConversionReport:
+        """Make the trained `model` a quantized one, in place: `finalize` at `bits` (default:
+        the bits it was prepared for), the grids attached as codebooks, then `qareg.convert`
+        with batch norm re-estimated on `calibration` when given."""
+        if not self.quantizes:
+            raise ConfigError(f"method {self.name!r} does not quantize: it is the "
+                              "full-precision reference")
+        bits = self.resolve_bits(self.bits if bits is None else bits)
+        grids = self.finalize(model, bits, calibration)
+        attach_codebooks(model, grids)
+        return convert(model, calibration, bn_max_batches=bn_max_batches)
+
+    def options(self) -> dict[str, Any]:
+        """The config as plain JSON-friendly values."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self.config).items()}
 
 
 METHODS: Registry[type[Method]] = Registry("method")
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: registers a Method subclass under `cls.name`."""
-    return METHODS.register(cls.name)(cls)
+def register_method(target: type[Method] | str | None = None, **attributes: Any) -> Any:
+    """Class decorator: registers a Method subclass under its `name`.
+
+    Bare, `@register_method`, the class sets `name`, `config_class`, `post_training`...
+    as class attributes; with arguments, `@register_method("lsq", config_class=LSQConfig)`,
+    the arguments set them. The same class loaded again (a plug-in file imported twice)
+    replaces its entry; another class may not take a registered name.
+    """
+    if isinstance(target, type):
+        return _register(target)
+    if target is not None:
+        attributes["name"] = target
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        declared = {k for c in cls.__mro__ for k in vars(c).get("__annotations__", {})}
+        for key, value in attributes.items():
+            if not hasattr(cls, key) and key not in declared:
+                raise ConfigError(f"register_method: {cls.__name__} has no attribute {key!r} "
+                                  f"to set; it declares {', '.join(sorted(declared))}")
+            setattr(cls, key, value)
+        return _register(cls)
+
+    return decorate
+
+
+def _register(cls: type[Method]) -> type[Method]:
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise ConfigError(f"method class {cls.__name__} needs a `name`, e.g. name = 'mine'")
+    if not (isinstance(cls.config_class, type) and dataclasses.is_dataclass(cls.config_class)):
+        raise ConfigError(f"method {cls.name!r}: config_class must be a dataclass, got "
+                          f"{cls.config_class!r}")
+    if cls.name in METHODS and _origin(METHODS.get(cls.name)) != _origin(cls):
+        known = METHODS.get(cls.name)
+        raise ConfigError(f"method name {cls.name!r} is taken by {known.__module__}."
+                          f"{known.__qualname__}; give {cls.__qualname__} another name")
+    METHODS.replace(cls.name, cls)
+    return cls
+
+
+def _origin(cls: type) -> tuple[str, str | None]:
+    """Where a class is defined: the same definition loaded again (a plug-in file imported
+    twice, under two module names) has the same origin."""
+    try:
+        source = inspect.getsourcefile(cls)
+    except TypeError:
+        source = None
+    return cls.__qualname__, os.path.realpath(source) if source else cls.__module__
 
 
 def create_method(name: str, config: Any = None) -> Method:
-    """The method registered as `name`, with `config` (None: its defaults)."""
+    """The method registered as `name`, with `config` (a config instance, a mapping of its
+    fields, or None for its defaults)."""
     return METHODS.get(name)(config)
 
 
 def list_methods() -> list[str]:
+    """Sorted names of the registered methods."""
     return METHODS.names()
 
 
-def check_bits(bits: Any) -> int:
-    """`bits` must be an integer from 1 to MAX_BITS."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ConfigError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
-    return bits
+def snap_with(method: Method, model: nn.Module, bits: int | None,
+              calibration: Calibration = None, bn_max_batches: int | None = None
+              ) -> ConversionReport:
+    """Deprecated name of `method.convert(model, bits, calibration, bn_max_batches)`; it
+    goes in the next release."""
+    warnings.warn("qareg.methods.snap_with(method, model, ...) is now "
+                  "method.convert(model, ...); the old name goes in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return method.convert(model, bits, calibration, bn_max_batches)
 
 
-def attach_codebooks(model: nn.Module, grids: dict[str, Tensor]) -> None:
+def attach_codebooks(model: nn.Module, grids: Grids) -> None:
     """Attach a fixed codebook holding `grids[name]` (sorted, distinct) beside each named
     tensor, so that `qareg.convert` and `save_compressed` treat the network like one trained
     with qareg. Tensors that already have a codebook are left alone."""
-    candidates = _candidates(model)
+    candidates = parameter_candidates(model)
     done = {t.name for t in quantized_tensors(model)}
     for name, grid in grids.items():
         if name in done:
@@ -160,13 +258,3 @@ def attach_codebooks(model: nn.Module, grids: dict[str, Tensor]) -> None:
             codebook.normalized.copy_((values / scale).float())
         codebook.project_()
         module.add_module(attribute + CODEBOOK_SUFFIX, codebook)
-
-
-def snap_with(method: Method, model: nn.Module, bits: int | None,
-              calibration: Iterable | None = None, bn_max_batches: int | None = None
-              ) -> ConversionReport:
-    """Finalize `model` with `method` at `bits`, attach the grids as codebooks and run
-    `qareg.convert` (batch norm re-estimated on `calibration` when given); in place."""
-    grids = method.finalize(model, bits, calibration)
-    attach_codebooks(model, grids)
-    return convert(model, calibration, bn_max_batches=bn_max_batches)

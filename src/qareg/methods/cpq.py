@@ -29,7 +29,7 @@ bit-width; with `lam_bits = 0` they stay at `drop_rate` and every tensor keeps b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from qareg.config import check_bool, check_float
-from qareg.errors import ConfigError, QaregError
-from qareg.methods.base import Method, Progress, check_bits, register_method
+from qareg.errors import ConfigError
+from qareg.methods.base import Progress, register_method
 from qareg.methods.parametrized import (
+    ParametrizedMethod,
+    QuantizerOptions,
     find_parametrizations,
-    parametrize_selected,
-    remove_parametrization,
 )
+from qareg.validate import check_bool, check_float
 
 # Hard-concrete gates (Louizos et al. 2018): temperature and stretch interval.
 GATE_BETA = 2.0 / 3.0
@@ -57,11 +57,11 @@ INIT_RATIOS = 64  # clipping ratios tried by fit_grid
 
 
 @dataclass(frozen=True)
-class CPQConfig:
+class CPQConfig(QuantizerOptions):
     """CPQ with DropBits: grid, noise, bit-drop gates and the bit-width penalty."""
 
-    sigma_init: float = 1.0 / 3.0  # logistic noise scale at the start, in grid steps (alpha)
     lr_scale: float = 1.0  # learning rate of alpha, beta, sigma, relative to the weights'
+    sigma_init: float = 1.0 / 3.0  # logistic noise scale at the start, in grid steps (alpha)
     dropbits: bool = True  # drop bit levels at random during training (hard-concrete gates)
     drop_rate: float = 0.1  # probability that a gate is closed at the start, in (0, 0.5]
     lam_bits: float = 0.0  # weight of the L0 penalty on the gates; 0: gates frozen, b bits kept
@@ -69,8 +69,8 @@ class CPQConfig:
     activations: bool = False  # quantize layer inputs too: not implemented (raises)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_float("sigma_init", self.sigma_init, 0.0, low_open=True)
-        check_float("lr_scale", self.lr_scale, 0.0, low_open=True)
         check_bool("dropbits", self.dropbits)
         check_float("drop_rate", self.drop_rate, 0.0, MAX_DROP_RATE, low_open=True)
         check_float("lam_bits", self.lam_bits, 0.0)
@@ -219,7 +219,8 @@ def deterministic_gates(log_alpha: Tensor) -> Tensor:
 class CPQQuantizer(nn.Module):
     """Learnable b-bit grid, noise scale and DropBits gates of one tensor."""
 
-    def __init__(self, weights: Tensor, bits: int, config: CPQConfig) -> None:
+    def __init__(self, weights: Tensor, bits: int, config: CPQConfig,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         step, offset = fit_grid(weights, bits)
         dtype, device = weights.dtype, weights.device
@@ -295,26 +296,12 @@ def bit_widths(model: nn.Module) -> dict[str, int]:
     return {name: q.active_bits() for name, _, _, q in cpq_quantizers(model)}
 
 
-@register_method
-class CPQMethod(Method):
+@register_method("cpq", config_class=CPQConfig, quantizer_class=CPQQuantizer)
+class CPQMethod(ParametrizedMethod):
     """Mode-of-relaxed-quantization forward, multi-class STE backward, DropBits gates."""
 
-    name = "cpq"
-    config_class = CPQConfig
-
-    def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
-        check_bits(bits)  # cpq trains for a bit-width; it is not a post-training method
-        super().prepare(model, bits, seed)
-        parametrize_selected(model, (), (), lambda w: CPQQuantizer(w, bits, self.config))
-
-    def _quantizers(self, model: nn.Module) -> list[CPQQuantizer]:
-        quantizers = [q for _, _, _, q in cpq_quantizers(model)]
-        if not quantizers:
-            raise QaregError("cpq: the model has no CPQ quantizers; call prepare first")
-        return quantizers
-
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        quantizers = self._quantizers(model)
+        quantizers = [q for _, q in self.quantizers(model).values()]
         grid = [p for q in quantizers for p in (q.log_step, q.offset, q.log_sigma)]
         gates = [q.gate_logits for q in quantizers if isinstance(q.gate_logits, nn.Parameter)]
         return [{"params": grid, "lr_scale": self.config.lr_scale},
@@ -325,25 +312,13 @@ class CPQMethod(Method):
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
         """L0 penalty: expected number of open DropBits gates over all tensors."""
-        quantizers = self._quantizers(model)
+        quantizers = [q for _, q in self.quantizers(model).values()]
         return sum((gate_prob_open(q.gate_logits).sum() for q in quantizers),
                    torch.zeros((), device=quantizers[0].log_step.device))
 
-    def finalize(self, model: nn.Module, bits: int, calibration: Iterable | None = None
-                 ) -> dict[str, Tensor]:
-        """Weights to their eval-mode mode point (deterministic gates, at most `bits` levels);
-        parametrizations removed; returns the active grid points per tensor."""
-        check_bits(bits)
+    def check_finalize_bits(self, bits: int) -> None:
+        """cpq finalizes at its prepared bits or fewer: the deterministic gates keep at most
+        `bits` levels."""
         if self.bits is not None and bits > self.bits:
             raise ConfigError(f"cpq was prepared for {self.bits} bits and cannot finalize at "
                               f"{bits}; use bits <= {self.bits}")
-        self._quantizers(model)
-        grids = {}
-        for name, module, attribute, quantizer in list(cpq_quantizers(model)):
-            original = module.parametrizations[attribute].original
-            values, grid = quantizer.snap(original, bits)
-            remove_parametrization(module, attribute, leave_parametrized=False)
-            with torch.no_grad():
-                getattr(module, attribute).copy_(values)
-            grids[name] = grid.detach()
-        return grids

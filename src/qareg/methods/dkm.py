@@ -18,35 +18,24 @@ end snaps every weight to its nearest centroid. Choices:
   for the run (a buffer, so it is saved with the model). A weight sitting on a centroid
   then gives its neighbour a share of about exp(-1 / tau) in every layer and at every k;
   coremltools uses an absolute T (1e-4), which suits only weights of one scale.
-- Default tau = 0.1, measured on lenet5 / tiny_splits (3 seeds; bits 1, 2, 4, 8; Adam lr
-  1e-3 and SGD lr 0.05; test accuracy after snapping). After 3 epochs tau 0.1 averaged
-  94.4% over the 8 settings (worst 78.1%), 0.2 90.3% (58.7%), 0.3 89.1% (40.4%, 1 bit),
-  1.0 lower at 1 and 2 bits (11-93%); after 5 epochs 0.1 and 0.2 reached 100% everywhere,
-  0.05 did not at 4 bits (94%), nor 0.3 at 1 bit (93-97%). The best tau grows with k: small
-  ones suit 1 bit, where most weights sit near the midpoint of the two centroids, 0.3-1
-  suit 4-8 bits.
+- Default tau = 0.1 (BENCHMARKS.md, "Defaults of the rival methods"). The best tau grows
+  with k: a small one suits 1 bit, where most weights sit near the midpoint of the two
+  centroids; larger ones suit 4 bits and more.
 - At most as many centroids as the tensor has weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from qareg.cluster1d import INITS
-from qareg.codebook import Codebook, assign
-from qareg.config import check_choice, check_float
-from qareg.methods.base import Method, check_bits, register_method
-from qareg.methods.parametrized import (
-    check_patterns,
-    find_parametrizations,
-    parametrize_selected,
-    remove_parametrization,
-)
+from qareg.codebook import Codebook
+from qareg.methods.base import register_method
+from qareg.methods.parametrized import ParametrizedMethod, QuantizerOptions
+from qareg.nearest import assign
+from qareg.validate import check_bits, check_float, check_init
 
 
 def dkm_attention(weights: Tensor, centroids: Tensor, temperature: float | Tensor) -> Tensor:
@@ -85,15 +74,15 @@ def relative_temperature(centroids: Tensor, tau: float) -> float:
 class DKMQuantizer(nn.Module):
     """Parametrization of one weight tensor: its DKM soft weights over learned centroids."""
 
-    def __init__(self, weights: Tensor, bits: int, tau: float, init: str,
+    def __init__(self, weights: Tensor, bits: int, config: DKMConfig,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         k = max(2, min(2 ** check_bits(bits), weights.numel()))  # no more centroids than weights
         # (k,) centroids stored in units of the tensor's RMS, like qareg's codebooks, so one
         # learning rate suits every layer; not kept sorted during training.
-        self.codebook = Codebook.fit(weights.detach(), k, init, generator)
+        self.codebook = Codebook.fit(weights.detach(), k, config.init, generator)
         # Fixed softmax temperature in squared weight units (`relative_temperature`).
-        temperature = relative_temperature(self.codebook.representatives(), tau)
+        temperature = relative_temperature(self.codebook.representatives(), config.tau)
         self.register_buffer("temperature", torch.tensor(temperature, dtype=weights.dtype,
                                                          device=weights.device))
 
@@ -104,58 +93,31 @@ class DKMQuantizer(nn.Module):
     def forward(self, weights: Tensor) -> Tensor:
         return dkm_soft_weights(weights, self.centroids(), self.temperature)
 
+    @torch.no_grad()
+    def snap(self, weights: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+        """(each weight on its nearest centroid, the centroids sorted, duplicates dropped)."""
+        centroids = self.centroids().unique()  # sorted
+        assert centroids.numel() <= 2 ** bits, f"{centroids.numel()} centroids at {bits} bits"
+        return centroids.to(weights.dtype)[assign(weights, centroids)], centroids
+
     def extra_repr(self) -> str:
         return f"temperature={self.temperature.item():.3g}"
 
 
 @dataclass(frozen=True)
-class DKMConfig:
+class DKMConfig(QuantizerOptions):
     """DKM: centroid initialisation, softmax temperature and centroid learning rate."""
 
-    tau: float = 0.1  # temperature, in units of the mean squared gap between centroids
-    init: str = "kmeans"  # centroid init: kmeans (exact 1-D optimum), lloyd, kmeans++, ...
     lr_scale: float = 1.0  # centroid learning rate = lr * this (centroids in RMS units)
-    include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
-    exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
+    tau: float = 0.1  # temperature, in units of the mean squared gap between centroids
+    init: str = "kmeans-exact"  # centroid init: one of qareg.cluster1d.INITS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_float("tau", self.tau, 0, low_open=True)
-        check_choice("init", self.init, INITS)
-        check_float("lr_scale", self.lr_scale, 0, low_open=True)
-        object.__setattr__(self, "include", check_patterns("include", self.include))
-        object.__setattr__(self, "exclude", check_patterns("exclude", self.exclude))
+        object.__setattr__(self, "init", check_init("init", self.init))
 
 
-@register_method
-class DKMMethod(Method):
+@register_method("dkm", config_class=DKMConfig, quantizer_class=DKMQuantizer)
+class DKMMethod(ParametrizedMethod):
     """Train through soft assignments to k = 2**bits learned centroids; snap at the end."""
-
-    name = "dkm"
-    config_class = DKMConfig
-
-    def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
-        super().prepare(model, check_bits(bits), seed)
-        c = self.config
-        generator = torch.Generator().manual_seed(seed)
-        parametrize_selected(model, c.include, c.exclude,
-                             lambda w: DKMQuantizer(w, bits, c.tau, c.init, generator))
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        centroids = [q.codebook.normalized for _, q in find_parametrizations(model, DKMQuantizer)
-                     .values()]
-        return [{"params": centroids, "lr_scale": self.config.lr_scale}]
-
-    def finalize(self, model: nn.Module, bits: int, calibration: Iterable | None = None
-                 ) -> dict[str, Tensor]:
-        found = find_parametrizations(model, DKMQuantizer)
-        assert found, "finalize: no DKM quantizer in the model (was it prepared?)"
-        grids = {}
-        for name, (module, quantizer) in found.items():
-            centroids = quantizer.centroids().detach().unique()  # sorted, duplicates dropped
-            assert centroids.numel() <= 2 ** bits, f"{name}: {centroids.numel()} centroids"
-            remove_parametrization(module, name.rsplit(".", 1)[-1], leave_parametrized=False)
-            weight = model.get_parameter(name)
-            with torch.no_grad():
-                weight.copy_(centroids.to(weight.dtype)[assign(weight, centroids)])
-            grids[name] = centroids
-        return grids

@@ -22,21 +22,17 @@ this). ||dL/dW_l||_1 is the norm of the mean gradient, also a per-sample quantit
 renormalisation is needed, and one lambda serves every batch size. The sums over entries are
 the paper's L1 norms, so the penalty grows with the network's size: lambda is per network.
 
-Lambda (measured on lenet5 and a small 10-class task; the paper's value is not recorded
-here): the L1 norm is not smooth, its gradient sign(g) does not fade as g -> 0, so too large
-a step diverges. Fine-tuning with SGD (momentum 0.9) stayed stable up to lr * lambda = 1e-4
-and diverged from 3e-4; at lr 0.05, lambda 1e-3 cut the held-out penalty 21-fold in 16
-steps. From scratch with Adam (lr 1e-3) lambda 1e-3 trained as well as without, 1e-2 did
-not learn. With Adam, fine-tuning ended with a larger gradient norm than without the
-penalty, probably because its per-coordinate normalisation magnifies the penalty's noisy
-Hessian-vector products where the task gradient has vanished. Prefer SGD for the
-regularized epochs.
+Lambda and the optimizer (the paper's values are not recorded here; the measurements are
+in BENCHMARKS.md, "Defaults of the rival methods"): the L1 norm is not smooth, its gradient
+sign(g) does not fade as g -> 0, so too large a step diverges. The method fine-tunes with
+SGD (momentum 0.9, lr 0.01: its `recipe`) rather than Adam, whose per-coordinate
+normalisation magnifies the penalty's noisy Hessian-vector products once the task gradient
+is small, and raised the gradient norm the penalty should lower.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -45,17 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qareg.activations import quantize_activations
 from qareg.batchnorm import recalibrate_batchnorm
-from qareg.config import TrainConfig, check_bool, check_float, check_int
+from qareg.constants import MAX_BITS
 from qareg.data import DatasetSplits, TensorData
-from qareg.errors import ConfigError, QaregError
-from qareg.methods.base import MAX_BITS, Method, Progress, check_bits, register_method
-from qareg.methods.uniform import (
-    MAX_CLIP_RATIOS,
-    quantize_activations,
-    quantize_weights_,
-)
+from qareg.errors import ConfigError, NotPreparedError, QaregError
+from qareg.evaluation import evaluate
+from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
 from qareg.quantize import select_tensors
+from qareg.uniform import MAX_CLIP_RATIOS, quantize_weights_
+from qareg.validate import check_bits, check_bool, check_float, check_int
 
 
 def gradient_l1_norms(loss: Tensor, tensors: Sequence[Tensor], create_graph: bool = True
@@ -133,7 +128,7 @@ def find_recorder(model: nn.Module) -> ActivationRecorder:
     """The recorder that `GradL1Method.prepare` attached to `model`."""
     found = {id(h): h for _, _, h in _our_hooks(model) if isinstance(h, ActivationRecorder)}
     if len(found) != 1:
-        raise QaregError("gradl1: the model is not prepared (GradL1Method.prepare attaches "
+        raise NotPreparedError("gradl1: the model is not prepared (GradL1Method.prepare attaches "
                          f"one activation recorder; found {len(found)})")
     return next(iter(found.values()))
 
@@ -158,37 +153,24 @@ class GradL1Config:
     start_epoch: int = 1  # 1-based epoch from which the penalty applies (double backprop)
     activations: bool = True  # include the layer inputs' gradients; False: weights only
     clip_ratios: int = 100  # post-training scale search over ratios i/n of max|w|; 1: max-abs
-    # In `qareg bench`, the penalty's epochs run with SGD (momentum) at this learning rate
-    # instead of the shared recipe's optimizer: under Adam the penalty raised the gradient
-    # norm it should lower (per-coordinate scaling magnifies its noisy gradient once the task
-    # gradient is small; measured on lenet5). None: the shared recipe as it is.
-    bench_sgd_lr: float | None = 0.01
 
     def __post_init__(self) -> None:
         check_float("lam", self.lam, 0)
-        if self.bench_sgd_lr is not None:
-            check_float("bench_sgd_lr", self.bench_sgd_lr, 0, low_open=True)
         check_int("start_epoch", self.start_epoch, 1)
         check_bool("activations", self.activations)
         check_int("clip_ratios", self.clip_ratios, 1, MAX_CLIP_RATIOS)
 
 
-@register_method
+# Fine-tuned with SGD at lr 0.01 rather than Adam: see the module docstring.
+@register_method("gradl1", config_class=GradL1Config, post_training=True,
+                 recipe={"optimizer": "sgd", "lr": 0.01})
 class GradL1Method(Method):
     """Train once with the gradient L1 penalty; uniform quantization at any bit-width after."""
 
-    name = "gradl1"
-    config_class = GradL1Config
-    post_training = True
 
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
         super().prepare(model, bits, seed)
         self._recorder = attach_recorder(model, select_tensors(model))
-
-    def training(self, recipe: TrainConfig) -> TrainConfig:
-        if self.config.bench_sgd_lr is None:
-            return recipe
-        return dataclasses.replace(recipe, optimizer="sgd", lr=self.config.bench_sgd_lr)
 
     def lam(self, progress: Progress) -> float:
         c = self.config
@@ -211,8 +193,7 @@ class GradL1Method(Method):
         tensors = weights + inputs if self.config.activations else weights
         return gradient_l1_norms(task_loss, tensors).sum()
 
-    def finalize(self, model: nn.Module, bits: int, calibration: Iterable | None = None
-                 ) -> dict[str, Tensor]:
+    def finalize(self, model: nn.Module, bits: int, calibration: Calibration = None) -> Grids:
         check_bits(bits)
         remove_recorder(model)
         self._recorder = None
@@ -239,11 +220,9 @@ def bit_width_sweep(
     Weights: uniform per tensor or per output channel. `activation_bits`: None (full
     precision), "same" (the weight bits) or one bit-width per entry of `weight_bits`;
     activations are quantized with `quantize_activations`, calibrated on the first
-    `calibration_batches` of `calibration` (e.g. `qareg.engine.bn_loader(splits, config)`),
+    `calibration_batches` of `calibration` (e.g. `qareg.evaluation.bn_loader(splits, config)`),
     which also re-estimate batch norm when given. Returns one row per bit-width.
     """
-    from qareg.engine import evaluate  # the engine imports the methods: import it late
-
     weight_bits = [check_bits(b) for b in weight_bits]
     if activation_bits == "same":
         activation_bits = list(weight_bits)
@@ -262,7 +241,7 @@ def bit_width_sweep(
         raise ConfigError("bit_width_sweep: calibration gave no batches")
     if any(b is not None for b in activation_bits) and not batches:
         raise ConfigError("bit_width_sweep: activation quantization needs calibration "
-                          "batches (e.g. qareg.engine.bn_loader(splits, config))")
+                          "batches (e.g. qareg.evaluation.bn_loader(splits, config))")
     data = splits.test if data is None else data
     device = next(model.parameters()).device
     rows = []

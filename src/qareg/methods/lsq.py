@@ -12,38 +12,27 @@ Choices the paper leaves open:
   w_q = s * sign(w) (sign(0) = +1) with the same clipped straight-through estimator: the
   weight gradient passes where |w| <= s, the step's gradient is sign(w) - w / s inside and
   sign(w) outside, scaled by g with Qp = 1. Its step starts at the paper's formula with
-  Qp = 1, 2 * mean|w|: on lenet5 / tiny_splits after one epoch (5 seeds) it reached 96.7%
-  (Adam) and 100% (SGD) against 47.2% and 19.5% from mean|w|, the scale minimising
-  ||w - s * sign(w)||^2 (XNOR-Net), whose clipping range freezes ~40% of Gaussian weights.
+  Qp = 1, 2 * mean|w|, rather than at mean|w| (the scale minimising ||w - s * sign(w)||^2,
+  as in XNOR-Net), whose clipping range freezes about 40% of Gaussian weights.
 - The step is learned as is (not in the log domain), as in the paper, but the forward pass
   uses |s|, floored at MIN_STEP_FRACTION of the initial step, the gradient passed through:
-  one large SGD step can push s through zero (seen on lenet5 at SGD lr 0.05), and a zero
-  step would divide by zero.
-- Step-size learning rate: lr * 0.1 by default. On lenet5 / tiny_splits, 5 epochs, 3 seeds,
-  bits 1, 2, 4, 8, Adam lr 1e-3 and SGD lr 0.05: lr_scale 0.1 reached 100% in every run;
-  1.0 (the paper's same lr) collapsed to chance in 3 of the 12 SGD runs, at 1 and 4 bits
-  (a gradient spike blew a step up); 0.01 learned the 1-bit nets too slowly (85% and 96%
-  on average).
+  one large SGD step can push s through zero, and a zero step would divide by zero.
+- Step-size learning rate: lr * 0.1 by default (the paper: the weights' lr); a large step
+  on s can blow a step up. The measurement behind it is in BENCHMARKS.md ("Defaults of
+  the rival methods").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from qareg.config import check_float
-from qareg.methods.base import Method, check_bits, register_method
-from qareg.methods.parametrized import (
-    check_patterns,
-    find_parametrizations,
-    parametrize_selected,
-    remove_parametrization,
-)
+from qareg.methods.base import register_method
+from qareg.methods.parametrized import ParametrizedMethod, QuantizerOptions
+from qareg.validate import check_bits
 
 MIN_STEP_FRACTION = 1e-3  # the step acts as at least this share of its initial value
 
@@ -108,7 +97,8 @@ def lsq_quantize(weights: Tensor, step: Tensor, bits: int) -> Tensor:
 class LSQQuantizer(nn.Module):
     """Parametrization of one weight tensor: its LSQ-quantized value, with a learned step."""
 
-    def __init__(self, weights: Tensor, bits: int) -> None:
+    def __init__(self, weights: Tensor, bits: int, config: LSQConfig | None = None,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         start = lsq_initial_step(weights, bits)
@@ -130,47 +120,22 @@ class LSQQuantizer(nn.Module):
             step = self.step_size()
             return lsq_levels(self.bits).to(step) * step
 
+    @torch.no_grad()
+    def snap(self, weights: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+        """(`weights` quantized as in the forward pass, the grid)."""
+        return self(weights), self.grid()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, step={self.step.item():.4g}"
 
 
 @dataclass(frozen=True)
-class LSQConfig:
+class LSQConfig(QuantizerOptions):
     """LSQ: which tensors, and how fast their step sizes learn."""
 
     lr_scale: float = 0.1  # step-size learning rate = lr * this (the paper: 1; see above)
-    include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
-    exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
-
-    def __post_init__(self) -> None:
-        check_float("lr_scale", self.lr_scale, 0, low_open=True)
-        object.__setattr__(self, "include", check_patterns("include", self.include))
-        object.__setattr__(self, "exclude", check_patterns("exclude", self.exclude))
 
 
-@register_method
-class LSQMethod(Method):
+@register_method("lsq", config_class=LSQConfig, quantizer_class=LSQQuantizer)
+class LSQMethod(ParametrizedMethod):
     """Quantization-aware training with a learned step size per tensor (weights only)."""
-
-    name = "lsq"
-    config_class = LSQConfig
-
-    def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
-        super().prepare(model, check_bits(bits), seed)
-        c = self.config
-        parametrize_selected(model, c.include, c.exclude, lambda w: LSQQuantizer(w, bits))
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        steps = [q.step for _, q in find_parametrizations(model, LSQQuantizer).values()]
-        return [{"params": steps, "lr_scale": self.config.lr_scale}]
-
-    def finalize(self, model: nn.Module, bits: int, calibration: Iterable | None = None
-                 ) -> dict[str, Tensor]:
-        found = find_parametrizations(model, LSQQuantizer)
-        assert found, "finalize: no LSQ quantizer in the model (was it prepared?)"
-        grids = {}
-        for name, (module, quantizer) in found.items():
-            assert quantizer.bits == bits, f"{name}: prepared at {quantizer.bits} bits, not {bits}"
-            grids[name] = quantizer.grid()
-            remove_parametrization(module, name.rsplit(".", 1)[-1], leave_parametrized=True)
-        return grids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qareg.models import check_args, feature_count, register_model
+from qareg.models.registry import check_args, feature_count, register_model
 
 
 @register_model("alexnet")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qareg.models import check_args, feature_count, init_conv_bn, register_model
+from qareg.models.registry import check_args, feature_count, init_conv_bn, register_model
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:

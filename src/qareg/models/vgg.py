@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from qareg.models import check_args, feature_count, init_conv_bn, register_model
+from qareg.models.registry import check_args, feature_count, init_conv_bn, register_model
 
 # Output channels of each 3x3 conv + BN + ReLU; "M" is a 2x2 max pool.
 CFGS: dict[str, list[int | str]] = {

@@ -1,3 +1,5 @@
+"""qareg.uniform (the grid and its scale search), qareg.activations, and ptq-uniform."""
+
 import copy
 
 import pytest
@@ -6,14 +8,12 @@ from torch import nn
 
 import qareg
 from qareg import engine
+from qareg.activations import quantize_activations
 from qareg.config import TrainConfig
 from qareg.errors import ConfigError
-from qareg.methods.base import snap_with
-from qareg.methods.uniform import (
-    PtqUniformMethod,
-    UniformConfig,
+from qareg.methods.ptq_uniform import PtqUniformMethod, UniformConfig
+from qareg.uniform import (
     integer_range,
-    quantize_activations,
     quantize_weights_,
     uniform_grid,
     uniform_quantize,
@@ -170,12 +170,9 @@ def test_config_validation():
         quantize_activations(small_net(), 1, [torch.randn(2, 1, 8, 8)])
 
 
-def test_ptq_uniform_refuses_per_channel_finalize():
-    method = PtqUniformMethod(UniformConfig(per_channel=True))
-    with pytest.raises(ConfigError, match="one codebook"):
-        method.finalize(small_net(), 4)
-    with pytest.raises(ConfigError, match="per_channel"):
-        method.prepare(small_net(), None, 0)
+def test_ptq_uniform_refuses_per_channel_before_training():
+    with pytest.raises(ConfigError, match="per_channel=True cannot be finalized.*one codebook"):
+        PtqUniformMethod(UniformConfig(per_channel=True))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -185,7 +182,7 @@ def test_ptq_uniform_finalize_and_snap(bits):
     method.prepare(model, None, 0)
     grids = method.finalize(copy.deepcopy(model), bits)
     assert set(grids) == {"0.weight", "3.weight", "5.weight"}
-    report = snap_with(method, model, bits)
+    report = method.convert(model, bits)
     for name, grid in grids.items():
         weight = model.get_parameter(name)
         assert grid.dim() == 1 and grid.numel() <= 2 ** bits and (grid[1:] > grid[:-1]).all()
@@ -211,7 +208,7 @@ def test_ptq_uniform_end_to_end(tiny_splits):
     method.prepare(model, None, 0)
     engine.train(model, tiny_splits, config, method=method, progress=False, augment=False)
     float_accuracy = engine.evaluate(model, tiny_splits.test, tiny_splits)
-    snap_with(method, model, 8, engine.bn_loader(tiny_splits, config), 2)
+    method.convert(model, 8, engine.bn_loader(tiny_splits, config), 2)
     for name in ("features.0.weight", "classifier.0.weight"):
         assert model.get_parameter(name).unique().numel() <= 256
     accuracy = engine.evaluate(model, tiny_splits.test, tiny_splits)

@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit
 from torch import Tensor
 
+from qareg.cluster1d.exact_kernels import gather, histogram, min_plus, next_states, prefix_sums
 from qareg.errors import ConfigError
 
 
@@ -24,184 +24,16 @@ class KMeansTooLarge(ConfigError):
     """k times the number of bins is beyond what the exact method lists."""
 
 
-# Notation: the values' *atoms* are bins of consecutive values in sorted
-# order; a cluster boundary (a *cut*) lies either between two atoms or inside one. State 2a
-# is "the cut lies just before atom a" (state 2A: after the last atom), state 2a + 1 is
-# "the cut lies inside atom a". Costs come from prefix sums over states.
-
-_SIGN = np.uint64(1 << 63)
 _FIRST_BITS = 16  # key bits of the first round: at most 65536 bins, whatever N is
 _MAX_BINS = 1 << 15  # slots of a later round's histogram (64 bytes each: 2 MB, in cache)
 _MAX_GROWTH = 1 << 20  # listed states after a refinement, at most about this many
 _MAX_LISTED = 1 << 24  # positions listed in the first round, about k x bins (~1 GB of work)
 
 
-@njit(inline="always")
-def _sort_key(bits, align):
-    """An unsigned key in the order of the float with these bits (-0 keyed as +0): flip all
-    bits of a negative number, only the sign bit of a positive one. No branch on the sign."""
-    b = np.uint64(bits) << np.uint64(align)  # float32 bits go to the top of 64
-    if b == _SIGN:
-        b = np.uint64(0)
-    return b ^ (np.uint64(np.int64(b) >> 63) | _SIGN)
-
-
-@njit(inline="always")
-def _slot(bits, align, parent, i, shift, mask, nb):
-    """Histogram slot of value i: its parent atom's rank (if any), then `nb` more key bits."""
-    b = np.int64((_sort_key(bits[i], align) >> shift) & mask)
-    if parent.size > 0:
-        b += np.int64(parent[i]) << nb
-    return b
-
-
-@njit(cache=True)
-def _histogram(x, bits, align, parent, level, nb, nslots):
-    """(nslots, 8) count, sum and sum of squares about the slot's first value, first value,
-    min, max (2 unused); and the index of the first non-finite value (-1 if none). One
-    64-byte row per slot: one cache line per value."""
-    stats = np.zeros((nslots, 8))
-    shift, mask = np.uint64(64 - level - nb), np.uint64((1 << nb) - 1)
-    for i in range(x.size):
-        v = np.float64(x[i])
-        if not np.isfinite(v):
-            return stats, i
-        b = _slot(bits, align, parent, i, shift, mask, nb)
-        if stats[b, 0] == 0.0:
-            stats[b, 3], stats[b, 4], stats[b, 5] = v, v, v
-        stats[b, 0] += 1.0
-        d = v - stats[b, 3]
-        stats[b, 1] += d
-        stats[b, 2] += d * d
-        if v < stats[b, 4]:  # rarely taken: well predicted
-            stats[b, 4] = v
-        if v > stats[b, 5]:
-            stats[b, 5] = v
-    return stats, -1
-
-
-@njit(cache=True)
-def _gather(x, bits, align, parent, level, nb, table, size):
-    """The `size` values whose slot maps to a refined atom, and that atom's rank in `table`."""
-    out, out_parent = np.empty(size + 1, x.dtype), np.empty(size + 1, np.int32)
-    shift, mask = np.uint64(64 - level - nb), np.uint64((1 << nb) - 1)
-    j = 0
-    for i in range(x.size):  # writes every value, keeps the wanted ones: no branch
-        t = table[_slot(bits, align, parent, i, shift, mask, nb)]
-        out[j], out_parent[j] = x[i], t
-        j += t >= 0
-    return out[:size], out_parent[:size]
-
-
-@njit(cache=True)
-def _prefix_sums(items):
-    """(rows, T) -> (rows, T + 1) compensated (Neumaier) prefix sums, each within a few
-    rounding errors of its exact value whatever T is."""
-    out = np.zeros((items.shape[0], items.shape[1] + 1))
-    for r in range(items.shape[0]):
-        total, compensation = 0.0, 0.0
-        for i in range(items.shape[1]):
-            x = items[r, i]
-            t = total + x
-            if abs(total) >= abs(x):
-                compensation += (total - t) + x
-            else:
-                compensation += (x - t) + total
-            total = t
-            out[r, i + 1] = total + compensation
-    return out
-
-
-@njit(inline="always")
-def _cost(count, sums, squares, a, b):
-    """Sum of squares about their mean of the items between states a <= b (0 if none)."""
-    n = count[b] - count[a]
-    if n <= 0.0:
-        return 0.0
-    s = sums[b] - sums[a]
-    c = squares[b] - squares[a] - s * s / n
-    return c if c > 0.0 else 0.0
-
-
-@njit(cache=True)
-def _min_plus(states, offsets, count, sums, squares, strict, with_argmin):
-    """best[i] = min over j in the previous list, states[j] < states[i] (<= unless strict), of
-    best[j] + cost(states[j], states[i]); list m is states[offsets[m]:offsets[m + 1]], sorted,
-    and list 0 is state 0 at cost 0. Also the minimising j (global index) if `with_argmin`.
-
-    The costs are Monge, so the minimising j never decreases along a list: each list is
-    solved by divide and conquer on its middle entry, O((rows + columns) log rows).
-    """
-    best = np.full(states.size, np.inf)
-    argmin = np.full(states.size if with_argmin else 0, -1, np.int64)
-    best[offsets[0]] = 0.0
-    stack = np.empty((130, 4), np.int64)  # depth <= log2(rows) + 2
-    for m in range(1, offsets.size - 1):
-        r0, r1, c0, c1 = offsets[m], offsets[m + 1], offsets[m - 1], offsets[m]
-        if r0 == r1 or c0 == c1:
-            continue
-        last = np.empty(r1 - r0, np.int64)  # last admissible column of each row
-        j = c0 - 1
-        for r in range(r0, r1):
-            while j + 1 < c1 and (states[j + 1] < states[r]
-                                  or (not strict and states[j + 1] == states[r])):
-                j += 1
-            last[r - r0] = j
-        stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = r0, r1 - 1, c0, c1 - 1
-        top = 1
-        while top > 0:
-            top -= 1
-            lo, hi, clo, chi = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
-            mid = (lo + hi) // 2
-            s = states[mid]
-            value, at = np.inf, clo
-            for j in range(clo, min(chi, last[mid - r0]) + 1):
-                if best[j] < value:
-                    v = best[j] + _cost(count, sums, squares, states[j], s)
-                    if v < value:
-                        value, at = v, j
-            best[mid] = value
-            if with_argmin:
-                argmin[mid] = at
-            if lo < mid:
-                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = lo, mid - 1, clo, at
-                top += 1
-            if mid < hi:
-                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = mid + 1, hi, at, chi
-                top += 1
-    return best, argmin
-
-
-@njit(cache=True)
-def _next_states(states, offsets, first, splittable):
-    """Carry each list of kept states to the refined atoms: a boundary before old atom a
-    becomes the boundary before new atom first[a]; "inside old atom a" becomes every
-    boundary and interior among its sub-atoms first[a] .. first[a + 1] - 1."""
-    total = 0
-    for s in states:
-        if s % 2 == 0:
-            total += 1
-        else:
-            for j in range(first[s // 2], first[s // 2 + 1]):
-                total += (j > first[s // 2]) + splittable[j]
-    out, out_offsets = np.empty(total, np.int64), np.zeros_like(offsets)
-    n = 0
-    for m in range(offsets.size - 1):
-        for s in states[offsets[m]:offsets[m + 1]]:
-            a = s // 2
-            if s % 2 == 0:
-                out[n] = 2 * first[a]
-                n += 1
-                continue
-            for j in range(first[a], first[a + 1]):
-                if j > first[a]:
-                    out[n] = 2 * j
-                    n += 1
-                if splittable[j]:
-                    out[n] = 2 * j + 1
-                    n += 1
-        out_offsets[m + 1] = n
-    return out, out_offsets
+# Notation: the values' *atoms* are bins of consecutive values in sorted order; a cluster
+# boundary (a *cut*) lies either between two atoms or inside one. State 2a is "the cut lies
+# just before atom a" (state 2A: after the last atom), state 2a + 1 is "the cut lies inside
+# atom a". Costs come from prefix sums over states.
 
 
 class _Atoms(NamedTuple):
@@ -265,7 +97,7 @@ def _prefixes(atoms: _Atoms, shift: float, relaxed: bool):
         items[:, 0::2] = np.where(split, [w_lo, w_lo * lo, w_lo * lo * lo], items[:, 0::2])
         items[:, 1::2] = np.where(split, [w_hi, w_hi * hi, w_hi * hi * hi], 0.0)
         constant = float(np.sum(np.where(split, q - w_lo * lo * lo - w_hi * hi * hi, 0.0)))
-    count, sums, squares = _prefix_sums(items)
+    count, sums, squares = prefix_sums(items)
     return count, sums, squares, constant
 
 
@@ -289,7 +121,7 @@ def _sublists(states: np.ndarray, offsets: np.ndarray, keep: np.ndarray):
 def _lower_bounds(states, offsets, prefix) -> np.ndarray:
     """Relaxed cost of the best clustering whose m-th cut is at each listed state."""
     count, sums, squares = prefix
-    forward = _min_plus(states, offsets, count, sums, squares, False, False)[0]
+    forward = min_plus(states, offsets, count, sums, squares, False, False)[0]
     # the same on the mirrored problem: items reversed, state s becomes end - s
     end, lengths = count.size - 1, np.diff(offsets)
     which = np.repeat(np.arange(lengths.size), lengths)
@@ -299,7 +131,7 @@ def _lower_bounds(states, offsets, prefix) -> np.ndarray:
     mirrored = np.empty_like(states)
     mirrored[position] = end - states
     flipped = [p[-1] - p[::-1] for p in prefix]
-    backward = _min_plus(mirrored, mirrored_offsets, *flipped, False, False)[0]
+    backward = min_plus(mirrored, mirrored_offsets, *flipped, False, False)[0]
     return forward + backward[position]
 
 
@@ -309,7 +141,7 @@ def _prune(atoms: _Atoms, shift: float, states: np.ndarray, offsets: np.ndarray)
     give or take rounding."""
     exact = _prefixes(atoms, shift, relaxed=False)[:3]
     between = states % 2 == 0
-    upper = _min_plus(*_sublists(states, offsets, between), *exact, False, False)[0][-1]
+    upper = min_plus(*_sublists(states, offsets, between), *exact, False, False)[0][-1]
     *relaxed, constant = _prefixes(atoms, shift, relaxed=True)
     lower = _lower_bounds(states, offsets, relaxed) + constant
     # Each bound sums at most k + 1 costs from compensated prefix sums: its rounding error is
@@ -389,7 +221,7 @@ def kmeans1d(values: Tensor | np.ndarray, k: int) -> Tensor:
     align = 32 if float32 else 0
     bits = x.view(np.uint32 if float32 else np.uint64)
     no_parent = np.empty(0, np.int32)
-    stats, bad = _histogram(x, bits, align, no_parent, 0, _FIRST_BITS, 1 << _FIRST_BITS)
+    stats, bad = histogram(x, bits, align, no_parent, 0, _FIRST_BITS, 1 << _FIRST_BITS)
     if bad >= 0:
         raise ConfigError(f"values must be finite; values[{bad}] is {x[bad]}")
     if k >= x.size:
@@ -403,7 +235,7 @@ def kmeans1d(values: Tensor | np.ndarray, k: int) -> Tensor:
         raise KMeansTooLarge(
             f"k={k} is too large for exact k-means on these {x.size} values: the first "
             f"round would list {listed} > {_MAX_LISTED} (k x bins) positions; use a "
-            f"smaller k or Lloyd's k-means (init 'lloyd')")
+            f"smaller k or Lloyd's k-means (init 'kmeans-lloyd')")
     states, offsets = _all_states(atoms, k)
     source, parent, level, nb = x, no_parent, 0, _FIRST_BITS
     while (states % 2 == 1).any():
@@ -419,7 +251,7 @@ def kmeans1d(values: Tensor | np.ndarray, k: int) -> Tensor:
         table = np.full(stats.shape[0], -1, np.int64)
         table[atoms.slot[refined]] = np.arange(n_refined)
         gathered = int(atoms.count[refined].sum())
-        source, parent = _gather(source, bits, align, parent, level, nb, table, gathered)
+        source, parent = gather(source, bits, align, parent, level, nb, table, gathered)
         bits = source.view(np.uint32 if float32 else np.uint64)
         level += nb
         # Few slots per value gathered (their table is zeroed and scanned, and should stay
@@ -429,13 +261,13 @@ def kmeans1d(values: Tensor | np.ndarray, k: int) -> Tensor:
         nb = min(64 - level, np.log2(slots / n_refined), np.log2(_MAX_GROWTH / inside.size))
         nb = int(max(1, nb))
         assert level + nb <= 64, f"refining past the last key bit ({level} + {nb})"
-        stats = _histogram(source, bits, align, parent, level, nb, n_refined << nb)[0]
+        stats = histogram(source, bits, align, parent, level, nb, n_refined << nb)[0]
         sub = _atoms_from_histogram(stats)
         atoms, first = _split(atoms, refined, sub, nb)
-        states, offsets = _next_states(states, offsets, first, atoms.high > atoms.low)
+        states, offsets = next_states(states, offsets, first, atoms.high > atoms.low)
     # no listed cut lies inside an atom: the best clustering with nonempty clusters is exact
     exact = _prefixes(atoms, shift, relaxed=False)[:3]
-    best, argmin = _min_plus(states, offsets, *exact, True, True)
+    best, argmin = min_plus(states, offsets, *exact, True, True)
     if not np.isfinite(best[-1]):  # no k nonempty clusters: fewer than k distinct values
         return _distinct_padded(x, k)
     cuts = [states.size - 1]

@@ -1,0 +1,180 @@
+"""`qareg`: learnable codebooks pulled together by the quantization-aware regularizer.
+
+Each quantized tensor gets a codebook of k learnable representatives (`qareg.prepare`);
+training adds `lambda(t) * qareg.penalty(model)` to the loss, and in the last
+`snapped_fraction` of training the forward pass sees the snapped weights
+(`qareg.straight_through`), so weights can change representative and the codebooks learn
+from the task too. After training the codebooks stay and `qareg.convert` snaps to them.
+
+With `snapped_fraction=0` and a large lambda this is the seed paper's method, the
+regularizer alone. The defaults (lambda 1 with a linear ramp, snapped forward passes for
+the whole run) were chosen on the validation split: BENCHMARKS.md, "Snapped forward passes".
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from qareg.constants import MAX_K, PENALTY_VARIANTS
+from qareg.errors import ConfigError
+from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
+from qareg.quantize import (
+    check_patterns_match,
+    penalty,
+    prepare,
+    quantized_tensors,
+    require_codebooks,
+)
+from qareg.straight_through import straight_through
+from qareg.validate import (
+    check_bits,
+    check_choice,
+    check_float,
+    check_init,
+    check_int,
+    check_patterns,
+)
+
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+
+
+@dataclass(frozen=True)
+class QaregConfig:
+    """The quantization-aware regularizer: codebooks, penalty, lambda schedule and the
+    snapped forward passes."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"straight_through": "snapped_fraction",
+                                         "straight_through_lam": "snapped_lam"}
+
+    k: int = 4  # representatives per quantized tensor (any k >= 2); bits b set k = 2**b
+    init: str = "kmeans-exact"  # codebook init: one of qareg.cluster1d.INITS
+    variant: str = "hard"  # penalty: hard (squared), soft (soft-min) or abs (absolute)
+    temperature: float = 0.05  # soft variant only, at the start; in units of scale squared
+    temperature_final: float | None = None  # soft: anneal geometrically to this; None: fixed
+    lam: float = 1.0  # global lambda: loss = task + lambda(t) * sum of per-tensor terms
+    lam_schedule: str = "linear"  # lambda(t): constant, or a linear, cosine or exponential ramp
+    lam_start: float = 1e-3  # exponential ramp only: it starts at lam * lam_start
+    ramp: float = 1.0  # fraction of training over which lambda ramps to `lam`
+    codebook_lr_scale: float = 1.0  # codebook learning rate = lr * this
+    # Fraction of training, at its end, whose forward passes see the snapped weights with
+    # straight-through gradients to weights and codebooks (0: none; 1: the whole run).
+    snapped_fraction: float = 1.0
+    snapped_lam: float | None = None  # lambda in that phase; None: the schedule's
+    include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
+    exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
+    layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 2, MAX_K)
+        object.__setattr__(self, "init", check_init("init", self.init))
+        check_choice("variant", self.variant, PENALTY_VARIANTS)
+        check_float("temperature", self.temperature, 0, low_open=True)
+        if self.temperature_final is not None:
+            check_float("temperature_final", self.temperature_final, 0, low_open=True)
+            if self.variant != "soft":  # would be ignored: only the soft-min has a temperature
+                raise ConfigError(f"temperature_final only applies with variant soft; variant "
+                                  f"is {self.variant!r}")
+        check_float("lam", self.lam, 0)
+        check_choice("lam_schedule", self.lam_schedule, LAMBDA_SCHEDULES)
+        check_float("ramp", self.ramp, 0, 1, low_open=True)
+        check_float("lam_start", self.lam_start, 0, 1, low_open=True)
+        check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
+        check_float("snapped_fraction", self.snapped_fraction, 0, 1)
+        if self.snapped_lam is not None:
+            check_float("snapped_lam", self.snapped_lam, 0)
+        object.__setattr__(self, "include", check_patterns("include", self.include))
+        object.__setattr__(self, "exclude", check_patterns("exclude", self.exclude))
+        if not isinstance(self.layer_weights, dict):
+            raise ConfigError(f"layer_weights must map patterns to numbers, got "
+                              f"{self.layer_weights!r}")
+        for pattern, weight in self.layer_weights.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ConfigError(f"layer_weights keys must be non-empty glob patterns, got "
+                                  f"{pattern!r}")
+            check_float(f"layer_weights[{pattern!r}]", weight, 0)
+
+    def temperature_at(self, progress: float) -> float:
+        """Soft-min temperature at `progress` in [0, 1] of training (geometric annealing)."""
+        if self.temperature_final is None:
+            return self.temperature
+        return self.temperature * (self.temperature_final / self.temperature) ** progress
+
+    def in_snapped_phase(self, progress: float) -> bool:
+        """Whether `progress` in [0, 1) of training falls in the snapped-forward phase."""
+        return progress >= 1 - self.snapped_fraction
+
+    def lambda_at(self, progress: float) -> float:
+        """lambda at `progress` in [0, 1] of training, following `lam_schedule` (and
+        `snapped_lam` in the snapped-forward phase, when given)."""
+        if self.snapped_lam is not None and self.in_snapped_phase(progress):
+            return self.snapped_lam
+        if self.lam_schedule == "constant":
+            return self.lam
+        ramp = min(1.0, progress / self.ramp)
+        if self.lam_schedule == "linear":
+            return self.lam * ramp
+        if self.lam_schedule == "exponential":  # equal time in every decade of lambda
+            return self.lam * self.lam_start ** (1 - ramp)
+        return self.lam * (1 - math.cos(math.pi * ramp)) / 2
+
+
+RegularizerConfig = QaregConfig  # the name of the last release, kept for one release
+
+
+@register_method("qareg", config_class=QaregConfig)
+class QaregMethod(Method):
+    """Train with `lambda(t) * penalty(model)` and snapped forward passes; codebooks learn
+    with the weights."""
+
+    def resolve_bits(self, bits: int | None) -> int | None:
+        """Any bits set k = 2**bits; without, the config's k decides."""
+        return None if bits is None else check_bits(bits)
+
+    def codebook_size(self, bits: int | None) -> int:
+        """k for `bits` (2**bits), or the config's k."""
+        return self.config.k if bits is None else 2 ** bits
+
+    def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
+        """Codebooks of k representatives on the chosen tensors; a model that has codebooks
+        already (fine-tuning a qareg network) keeps them, if their k is this one."""
+        bits = self.resolve_bits(bits)
+        super().prepare(model, bits, seed)
+        c, k = self.config, self.codebook_size(bits)
+        existing = {t.codebook.k for t in quantized_tensors(model)}
+        if existing and existing != {k}:
+            raise ConfigError(f"the model already has codebooks with k in {sorted(existing)}; "
+                              f"k={k} does not match")
+        if not existing:
+            prepare(model, k, include=c.include or None, exclude=c.exclude, init=c.init,
+                    seed=seed)
+        check_patterns_match(c.layer_weights, [t.name for t in quantized_tensors(model)],
+                             "layer_weights pattern")
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        codebooks = [t.codebook.normalized for t in require_codebooks(model)]
+        return [{"params": codebooks, "lr_scale": self.config.codebook_lr_scale}]
+
+    def forward_context(self, model: nn.Module, progress: Progress
+                        ) -> AbstractContextManager[Any]:
+        """Snapped forward passes in the last `snapped_fraction` of training."""
+        if self.config.in_snapped_phase(progress.fraction):
+            return straight_through(model)
+        return nullcontext()
+
+    def lam(self, progress: Progress) -> float:
+        return self.config.lambda_at(progress.fraction)
+
+    def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
+        c = self.config
+        return penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
+                       layer_weights=c.layer_weights)
+
+    def finalize(self, model: nn.Module, bits: int | None, calibration: Calibration = None
+                 ) -> Grids:
+        """The learned codebooks stay; `qareg.convert` snaps to them."""
+        return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
