@@ -160,7 +160,10 @@ def train(
     `config.epochs` epochs; returns the metrics of every epoch. The loss is
     `task + method.lam(t) * method.regularizer(...)`; without a method, plain training.
 
-    After every epoch `save_state(state)` receives what resuming needs besides the model
+    A new run seeds torch's global generator with `config.seed` as it starts, so that its
+    random draws do not depend on what the process ran before (a resumed bench, a second
+    run in one process). After every epoch `save_state(state)` receives what resuming needs
+    besides the model
     (optimizer, schedule, random states, epoch, metrics so far); `resume=state` continues
     from it, given the model saved with it: the run then ends with the same weights as one
     never interrupted. Under a `torch.distributed` process group (see `qareg.distributed`)
@@ -196,7 +199,9 @@ def train(
     metrics_file = Path(metrics_path) if metrics_path is not None and world.is_main else None
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 1
-    if resume is not None:
+    if resume is None:  # random draws (dropout, DropBits gates) depend on the config alone
+        torch.manual_seed(config.seed)
+    else:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["lr_schedule"])
         loader.generator.set_state(resume["loader_rng"])

@@ -282,3 +282,25 @@ def test_engine_trains_the_gates_under_lam_bits(tiny_splits):
     assert history[-1].lam == 1.0 and history[-1].penalty > 0
     for name, _, _, q in cpq_quantizers(model):
         assert (q.gate_logits < start[name]).all(), name
+
+
+def test_training_is_repeatable_on_two_threads_whatever_ran_before(tiny_splits):
+    """The gates' draws restart from the config's seed, and the estimator's sums do not
+    depend on how threads split them: two runs give the same weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        states = []
+        for noise in (0, 1000):
+            torch.manual_seed(0)
+            model = qareg.create_model("lenet5", 10, 1, 28)
+            method = CPQMethod(CPQConfig(drop_rate=0.3))
+            method.prepare(model, 2, seed=0)
+            torch.rand(noise)  # whatever the process drew before training
+            config = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3)
+            train(model, tiny_splits, config, method, progress=False, augment=False)
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name

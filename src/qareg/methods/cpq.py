@@ -146,6 +146,17 @@ def interval_log_probs(weights: Tensor, grid: Tensor, step: Tensor, sigma: Tenso
                      dim=1)
 
 
+def _gather_sum(grid: Tensor, mode: Tensor, g: Tensor) -> Tensor:
+    """sum_i g_i * grid[mode_i], differentiable in `grid`. On the CPU as sum_j grid_j * (the
+    sum of g over the entries of mode j), whose bincount adds in a fixed order: the backward
+    of `grid[mode]` accumulates over threads in a varying one, and two runs of cpq on two
+    threads then differed. Elsewhere the indexing, which deterministic mode makes exact."""
+    if grid.device.type != "cpu":
+        return (g.view(-1) * grid[mode]).sum()
+    per_point = torch.bincount(mode, weights=g.view(-1).double(), minlength=grid.numel())
+    return (grid * per_point.to(grid.dtype)).sum()
+
+
 class _ModeWithMultiClassSTE(torch.autograd.Function):
     """Forward: the mode of the masked categorical, on the grid. Backward: the one-hot's
     gradient goes to the masked probabilities m_i pi_i (recomputed here, so only one N x K
@@ -174,7 +185,7 @@ class _ModeWithMultiClassSTE(torch.autograd.Function):
             g = grad_out.reshape(-1, 1)  # (N, 1) dL/dy
             # dL/d onehot_i = dL/dy * g_i, routed to the unnormalised m_i pi_i; the second
             # term is the ordinary gradient of y = g[mode] w.r.t. alpha and beta.
-            surrogate = (probs * (g * grid.detach())).sum() + (g.view(-1) * grid[mode]).sum()
+            surrogate = (probs * (g * grid.detach())).sum() + _gather_sum(grid, mode, g)
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(surrogate, wanted)) if wanted else iter(())
         return (*(next(grads) if n else None for n in needs), None)

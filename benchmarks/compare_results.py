@@ -1,0 +1,45 @@
+"""Two `qareg bench` result files side by side: the test accuracy of every (method, bits,
+seed) in both, and the difference, as a markdown table.
+
+    python benchmarks/compare_results.py benchmarks/results/refactor-before-seed0.jsonl \
+        benchmarks/results/refactor-after-seed0.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qareg.report import load_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--tolerance", type=float, default=0.3,
+                        help="points of accuracy a row may move (default 0.3)")
+    args = parser.parse_args()
+    rows = [{(r["method"], r["bits"], r["seed"]): r for r in load_results([path])}
+            for path in (args.before, args.after)]
+    commits = [sorted({r["git_commit"][:12] for r in side.values()}) for side in rows]
+    print(f"| method | bits | seed | before ({', '.join(commits[0])}) "
+          f"| after ({', '.join(commits[1])}) | difference |")
+    print("|:--|--:|--:|--:|--:|--:|")
+    worst = 0.0
+    for key in sorted(set(rows[0]) | set(rows[1]), key=lambda k: (k[0] != "fp", k)):
+        before, after = (side.get(key) for side in rows)
+        if before is None or after is None:
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {'-' if before is None else ''} "
+                  f"| {'-' if after is None else ''} | only in one file |")
+            continue
+        diff = after["accuracy"] - before["accuracy"]
+        worst = max(worst, abs(diff))
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {before['accuracy']:.2f} "
+              f"| {after['accuracy']:.2f} | {diff:+.2f} |")
+    verdict = "within" if worst <= args.tolerance else "NOT within"
+    print(f"\nlargest difference {worst:.2f} points: {verdict} {args.tolerance}")
+
+
+if __name__ == "__main__":
+    main()
