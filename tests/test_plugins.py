@@ -13,7 +13,7 @@ from qareg.bench import Bench, BenchConfig
 from qareg.checkpoint import load_checkpoint
 from qareg.cli import main
 from qareg.errors import ConfigError
-from qareg.methods import Method, list_methods, register_method
+from qareg.methods import Method, create_method, list_methods, register_method
 from qareg.methods.base import Progress
 from qareg.quantize import select_tensors
 
@@ -44,12 +44,10 @@ class QuantileGrid(Method):
         return grids
 
 
-@register_method
+@register_method("test-shrink", recipe={"optimizer": "sgd", "lr": 0.02})
 class ShrinkToZero(Method):
     """A training-time plug-in with a regularizer of its own: the L2 norm of the weights,
-    then a 1-bit sign grid."""
-
-    name = "test-shrink"
+    then a 1-bit sign grid; registered with arguments, and a fine-tuning recipe of its own."""
 
     def lam(self, progress: Progress) -> float:
         return 1e-3
@@ -65,6 +63,27 @@ class ShrinkToZero(Method):
 def test_the_methods_of_this_file_are_registered():
     assert {"test-quantile-grid", "test-shrink"} <= set(list_methods())
     assert QuantileGrid.trains_in_full_precision() and not ShrinkToZero.trains_in_full_precision()
+
+
+def test_a_method_recipe_is_its_fine_tuning_in_the_bench_and_the_cli(fashion_dir, tmp_path,
+                                                                      capsys):
+    shrink, grid = (create_method(n) for n in ("test-shrink", "test-quantile-grid"))
+    config = BenchConfig()
+    assert (config.method_training(shrink, 0).optimizer, config.method_training(shrink, 0).lr
+            ) == ("sgd", 0.02)
+    assert config.method_training(grid, 0).optimizer == "adam"  # the common recipe
+    assert BenchConfig(lr=0.1).method_training(shrink, 0).lr == 0.1  # one lr for all
+    fp = tmp_path / "fp.pt"
+    common = ["--data-dir", str(fashion_dir), "--val-size", "200", "--epochs", "1",
+              "--no-progress"]
+    assert main(["train", "--model", "lenet5", *common, "--out", str(fp)]) == 0
+    assert "recipe: 1 epoch, sgd lr 0.05" in capsys.readouterr().out  # from scratch
+    assert main(["train", "--method", "test-shrink", "--bits", "1", "--init-from", str(fp),
+                 *common, "--out", str(tmp_path / "s.pt")]) == 0
+    assert "recipe: 1 epoch, sgd lr 0.02" in capsys.readouterr().out  # fine-tuning
+    assert main(["train", "--method", "qareg", "--init-from", str(fp), *common,
+                 "--out", str(tmp_path / "q.pt")]) == 0
+    assert "recipe: 1 epoch, adam lr 0.001" in capsys.readouterr().out
 
 
 def test_another_class_cannot_take_a_registered_name():

@@ -159,3 +159,34 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fashion_dir
     payload = read_checkpoint(out)
     assert payload["train_state"]["epoch"] == 2
     assert all(torch.isfinite(t).all() for t in payload["state_dict"].values())
+
+
+def test_a_run_saved_with_the_last_release_names_resumes(fashion_dir, tmp_path,
+                                                         monkeypatch, one_thread):
+    import shutil
+
+    import qareg.runs
+
+    out, first = tmp_path / "run.pt", tmp_path / "after-epoch-1.pt"
+    save = qareg.runs.save_checkpoint
+
+    def keep_epoch_1(path, model, meta, train_state=None):
+        save(path, model, meta, train_state)
+        if train_state is not None and train_state["epoch"] == 1:
+            shutil.copyfile(path, first)
+
+    monkeypatch.setattr(qareg.runs, "save_checkpoint", keep_epoch_1)
+    assert main(train_argv(fashion_dir, out, epochs=2)) == 0
+    payload = read_checkpoint(first)
+    options = payload["meta"]["config"].pop("method")  # as the last release saved them:
+    options["straight_through"] = options.pop("snapped_fraction")
+    options["straight_through_lam"] = options.pop("snapped_lam")
+    options["init"] = "kmeans"
+    payload["meta"]["config"]["regularizer"] = options
+    resumed = tmp_path / "resumed.pt"
+    torch.save(payload, resumed)
+    with pytest.warns(DeprecationWarning, match="now called"):
+        assert main([*train_argv(fashion_dir, resumed, epochs=2), "--resume"]) == 0
+    final, _ = load_checkpoint(resumed)
+    expected, _ = load_checkpoint(out)
+    assert_same_weights(final.state_dict(), expected.state_dict())

@@ -113,7 +113,7 @@ CASES = [
     case("train-out-a-foreign-file", "train --out {garbage}",
          "exists (is a text file); pass --overwrite to replace it"),
     case("train-bits-and-k-disagree", QAREG + " --bits 2 --k 8",
-         "--bits 2 means k = 4, but k is 8; give one of them"),
+         "bits=2 means k = 4, but k is 8; give one of them"),
     case("train-init-from-text", TRAIN + " --init-from {garbage}",
          "garbage.bin' is a text file; expected a qareg checkpoint"),
     case("train-out-is-folder", "train --out {tmp}", "is a folder; give a file name"),

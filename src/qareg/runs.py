@@ -103,6 +103,8 @@ def check_same_run(saved: dict[str, Any], spec: RunSpec, path: str | Path) -> No
                                                saved.get("init_from")))
                if now != before]
     before = saved_sections(saved)
+    if before["method"]:  # as built: names of the last release read as today's
+        before["method"] = method_of(saved).options()
     for section, now in spec.sections().items():
         changed += [f"{section}.{k}" for k in now
                     if k != "device" and now[k] != before[section].get(k, now[k])]

@@ -36,10 +36,11 @@ class Flag:
 
     @property
     def option(self) -> str:
-        return "--" + self.field.replace("_", "-")
+        return flag_name(self.field)
 
 
 def flag_name(field: str) -> str:
+    """The command-line flag of a config field: `batch_size` -> `--batch-size`."""
     return "--" + field.replace("_", "-")
 
 

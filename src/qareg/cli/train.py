@@ -18,6 +18,7 @@ from qareg.cli.flags import (
     add_flags,
     build,
     field_flags,
+    flag_name,
     given_values,
     option_pairs,
     read_config_file,
@@ -111,11 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="no progress bars (they are drawn only on a terminal anyway)")
     for cls in (DataConfig, TrainConfig):
         add_flags(p.add_argument_group(cls.__name__), field_flags(cls))
-    add_flags(p.add_argument_group("method options"), method_flags(), OPTION_DEST)
+    flags = method_flags()
+    add_flags(p.add_argument_group("method options"), flags, OPTION_DEST)
     for cls in {METHODS.get(n).config_class for n in list_methods()}:
         for old in getattr(cls, "RENAMED", {}):  # the last release's names, hidden
-            if old not in {f.field for f in method_flags()}:
-                p.add_argument(flag(old), dest=OPTION_DEST + old, type=yaml_value,
+            if old not in {f.field for f in flags}:
+                p.add_argument(flag_name(old), dest=OPTION_DEST + old, type=yaml_value,
                                default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_train)
 
@@ -136,15 +138,12 @@ def _method_options(args: argparse.Namespace, method: str, flags: list[Flag]
     if wrong:
         owners = {field: ", ".join(name for name, _ in entries)
                   for field, entries in option_owners().items()}
-        where = "; ".join(f"{flag(k)} is an option of {owners[k]}" for k in wrong if k in owners)
-        raise ConfigError(f"{', '.join(flag(k) for k in wrong)} do{'es' * (len(wrong) == 1)} not "
+        where = "; ".join(f"{flag_name(k)} is an option of {owners[k]}"
+                          for k in wrong if k in owners)
+        raise ConfigError(f"{', '.join(map(flag_name, wrong))} do{'es' * (len(wrong) == 1)} not "
                           f"apply to --method {method}" + (f" ({where})" if where else "")
                           + f"; its options: {', '.join(fields) or 'none'}")
     return given
-
-
-def flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
 
 
 def _spec(args: argparse.Namespace, saved: dict[str, Any] | None) -> RunSpec:
@@ -177,12 +176,8 @@ def _spec(args: argparse.Namespace, saved: dict[str, Any] | None) -> RunSpec:
     method = create_method(method_name, build(method_cls.config_class, sections["method"],
                                               f"the options of --method {method_name}"))
     bits = args.bits if args.bits is not None else (saved.get("bits") if saved else None)
-    bits = method.resolve_bits(bits)
-    k = getattr(method.config, "k", None)
-    if args.bits is not None and "k" in sections["method"] and k != 2 ** args.bits:
-        raise ConfigError(f"--bits {args.bits} means k = {2 ** args.bits}, but k is {k}; give "
-                          "one of them")
-    return RunSpec(method, bits, init_from, build(DataConfig, sections["data"], "data"),
+    return RunSpec(method, method.resolve_bits(bits), init_from,
+                   build(DataConfig, sections["data"], "data"),
                    build(TrainConfig, sections["train"], "train"))
 
 

@@ -132,8 +132,15 @@ class QaregMethod(Method):
     with the weights."""
 
     def resolve_bits(self, bits: int | None) -> int | None:
-        """Any bits set k = 2**bits; without, the config's k decides."""
-        return None if bits is None else check_bits(bits)
+        """Any bits set k = 2**bits; without, the config's k decides. A k set apart from
+        its default must agree with the bits."""
+        if bits is None:
+            return None
+        k = self.config.k
+        if k != QaregConfig.k and k != 2 ** check_bits(bits):
+            raise ConfigError(f"bits={bits} means k = {2 ** bits}, but k is {k}; give one of "
+                              "them")
+        return check_bits(bits)
 
     def codebook_size(self, bits: int | None) -> int:
         """k for `bits` (2**bits), or the config's k."""
