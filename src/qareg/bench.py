@@ -88,8 +88,9 @@ class BenchConfig:
 
     model: str = "lenet5"  # a name from qareg.list_models()
     dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
+    # methods compared (registered names); the reference, fp, always runs as well
     methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "cpq", "gradl1", "lsq",
-                                "dkm")  # compared methods; the reference (fp) always runs
+                                "dkm")
     bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
     seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
     pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)

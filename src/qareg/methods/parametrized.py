@@ -97,7 +97,7 @@ class ParametrizedMethod(Method):
 
     def check_finalize_bits(self, bits: int) -> None:
         """Quantizers are trained for the prepared bit-width and finalized at it."""
-        if bits != self.bits:
+        if self.bits is not None and bits != self.bits:
             raise ConfigError(f"{self.name} was prepared for {self.bits} bits and is finalized "
                               f"at the same bits; got {bits}")
 
