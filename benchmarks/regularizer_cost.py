@@ -59,6 +59,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
+import numba
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +71,15 @@ from qareg.bench import append_row
 from qareg.constants import DEFAULT_LAYERS
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
+
+
+def numba_layer() -> str | None:
+    """The threading layer numba's compiled passes ran on (None if none ran)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel launched in this process
+        return None
+
 
 CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_soft", "dkm")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain
@@ -241,7 +251,7 @@ def main() -> None:
               "device": args.device, "machine": machine(args.device), "threads": threads,
               "interleaved": list(args.configs), "memory_child_env": MALLOC_ENV,
               "load_average_1min": [load_before, load_after],
-              **provenance()}
+              "numba_threading_layer": numba_layer(), **provenance()}
     rows = []
     for config in args.configs:
         walls = [wall for wall, _ in times[config]]
