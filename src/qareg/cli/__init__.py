@@ -46,7 +46,8 @@ def _plugins(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), "qareg")
+    words = [a for i, a in enumerate(argv) if i == 0 or argv[i - 1] != "--plugin"]
+    command = next((a for a in words if not a.startswith("-")), "qareg")
     try:
         for path in _plugins(argv):
             load_plugin(path)
