@@ -9,7 +9,9 @@ from qareg.cli import main
 from qareg.errors import ConfigError
 
 REQUIRED = ("method", "bits", "seed", "accuracy", "bits_per_weight", "file_bytes",
-            "train_seconds", "peak_memory_bytes", "config", "git_commit")
+            "stored_bits_per_weight", "train_seconds", "peak_memory_bytes", "config",
+            "git_commit")
+LENET5_QUANTIZED = 61470  # weights of its Conv and Linear layers
 
 
 def tiny_bench(fashion_dir, **overrides) -> BenchConfig:
@@ -48,6 +50,14 @@ def test_every_planned_run_writes_one_complete_row(finished):
         assert row["compression_ratio"] > 1
         layer = next(iter(row["histograms"].values()))
         assert len(layer["representatives"]) <= 2 ** row["bits"]
+        assert row["k"] == 2 ** row["bits"]
+        assert (row["index_bytes"] + row["codebook_bytes"] + row["raw_bytes"]
+                + row["header_bytes"]) == row["file_bytes"]
+        assert row["stored_bits_per_weight"] == pytest.approx(
+            8 * row["file_bytes"] / LENET5_QUANTIZED)
+        assert row["index_bytes"] <= LENET5_QUANTIZED * row["bits"] / 8 + 64
+    qareg_rows = [r for r in quantized if r["method"] == "qareg"]
+    assert [r["config"]["k"] for r in qareg_rows] == [2, 4]  # the k it had, not the default
     fp = next(r for r in rows if r["method"] == "fp")
     assert fp["bits_per_weight"] == FP_BITS
     # the learned network beats snapping the full-precision one at 1 bit

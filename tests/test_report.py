@@ -6,13 +6,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qareg.errors import ConfigError
 from qareg.report import (
     histogram_record,
     load_results,
     markdown_table,
+    pareto_frontier,
     plot_accuracy_vs_bits,
+    plot_accuracy_vs_size,
     plot_histograms,
     summary,
     write_report,
@@ -45,6 +49,7 @@ def make_rows(seed: int = 0, histogram_layers: int = 2) -> list[dict]:
                              "bits_per_weight": bits + 0.01,
                              "accuracy": 90.0 - loss / bits + float(rng.normal(0, 0.2)),
                              "file_bytes": None if method == "lsq" else 8000 * bits,
+                             "stored_bits_per_weight": None if method == "lsq" else bits + 0.1,
                              "train_seconds": 40.0 + bits + s, "peak_memory_bytes": 6e8,
                              "git_commit": "b" * 40 if s == 2 else "c" * 40,
                              "histograms": histogram_record(before, after, grids, bins=20)
@@ -139,10 +144,14 @@ def test_markdown_table_has_one_line_per_group_with_mean_and_std(tmp_path):
     for line, s in zip(body, table, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == s["method"] and cells[1] == str(s["bits"])
-        assert cells[3] == f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"
-        assert cells[4] == f"{s['drop']:.2f}" and cells[5] == "3"
-        assert cells[6] == ("-" if s["file_bytes"] is None else f"{s['file_bytes'] / 1e3:.1f}")
-    assert body[0].startswith("| fp | 32 | 32.00 |") and body[0].split("|")[5].strip() == "0.00"
+        stored = s["stored_bits_per_weight"]
+        assert cells[3] == ("-" if stored is None else f"{stored:.2f}")
+        assert cells[4] == f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"
+        assert cells[5] == f"{s['drop']:.2f}" and cells[6] == "3"
+        assert cells[7] == ("-" if s["file_bytes"] is None else f"{s['file_bytes'] / 1e3:.1f}")
+    assert body[0].startswith("| fp | 32 | 32.00 |") and body[0].split("|")[6].strip() == "0.00"
+    stored = next(line for line in body if line.startswith("| qareg | 2 |"))
+    assert stored.split("|")[4].strip() == "2.10"  # the rows' stored_bits_per_weight, meaned
 
 
 def test_plots_are_valid_pngs(tmp_path):
@@ -244,6 +253,7 @@ def test_write_report(tmp_path):
     for p in pngs:
         assert f"({p.name})" in text
     assert len([p for p in pngs if p.name.startswith("accuracy_vs_bits")]) == 2
+    assert len([p for p in pngs if p.name.startswith("accuracy_vs_size")]) == 2
     # One histogram plot per method that has histograms: its lowest bits, lowest seed.
     hist = sorted(p.name for p in pngs if p.name.startswith("histograms"))
     assert hist == sorted(
@@ -253,3 +263,34 @@ def test_write_report(tmp_path):
     assert text.count("±") >= len(summary(rows + other))
     with pytest.raises(ConfigError, match="no result rows"):
         write_report([write_jsonl(tmp_path / "empty.jsonl", [])], tmp_path / "out2")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(1, 1e6), st.floats(0, 100)), min_size=1, max_size=30))
+def test_the_pareto_frontier_is_every_point_no_other_beats(points):
+    frontier = pareto_frontier(points)
+
+    def beats(q, p):  # no larger and no less accurate, and not the same point
+        return q[0] <= p[0] and q[1] >= p[1] and q != p
+
+    assert set(frontier) == {p for p in points if not any(beats(q, p) for q in points)}
+    sizes, accuracies = zip(*frontier, strict=True)
+    assert list(sizes) == sorted(set(sizes))  # one point per size, ascending
+    assert list(accuracies) == sorted(set(accuracies))
+
+
+def test_the_size_plot_draws_each_method_s_frontier_from_rows_with_file_sizes(tmp_path,
+                                                                              monkeypatch):
+    import qareg.report.plots as plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "pareto_frontier",
+                        lambda points: drawn.append(list(points)) or pareto_frontier(drawn[-1]))
+    rows = make_rows(histogram_layers=0)
+    assert_png(plot_accuracy_vs_size(rows, tmp_path / "size.png"))
+    # qareg and ptq-kmeans have sizes (4 bit-widths each); lsq's rows have none
+    assert sorted(len(points) for points in drawn) == [4, 4]
+    for points in drawn:
+        assert all(size in (8, 16, 24, 32) for size, _ in points)  # KB, means over seeds
+    with pytest.raises(ConfigError, match="rows with file sizes"):
+        plot_accuracy_vs_size([r for r in rows if r["method"] == "lsq"], tmp_path / "x.png")

@@ -103,7 +103,8 @@ CASES = [
     case("train-temperature-final-without-soft", QAREG + " --temperature-final 0.01",
          "temperature_final only applies with variant soft; variant is 'hard'"),
     case("train-method-option-of-another-method", TRAIN + " --k 4",
-         "--k does not apply to --method fp (--k is an option of qareg); its options: none"),
+         "--k does not apply to --method fp (--k is an option of qareg, qareg-reg, qareg-ste); "
+         "its options: none"),
     case("train-finished-out-kept", "train --out {existing}",
          "existing.pt' holds a finished run (fp); pass --overwrite to replace it"),
     case("train-resume-a-finished-run", "train --out {existing} --resume",

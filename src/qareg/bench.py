@@ -89,8 +89,8 @@ class BenchConfig:
     model: str = "lenet5"  # a name from qareg.list_models()
     dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
     # methods compared (registered names); the reference, fp, always runs as well
-    methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "cpq", "gradl1", "lsq",
-                                "dkm")
+    methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "qareg-reg", "qareg-ste",
+                                "cpq", "gradl1", "lsq", "dkm")
     bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
     seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
     pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)
@@ -352,8 +352,10 @@ class Bench:
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         float32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()
                             if t.is_floating_point())
+        quantizable = sum(model.get_parameter(n).numel() for n in select_tensors(model))
         row = self._base_row(self.config.method(reference_method()), FP_BITS, seed, stats)
         row.update(accuracy=accuracy, bits_per_weight=float(FP_BITS), file_bytes=float32_bytes,
+                   stored_bits_per_weight=8 * float32_bytes / quantizable,
                    compression_ratio=1.0)
         return row
 
@@ -374,8 +376,14 @@ class Bench:
         row = self._base_row(method, bits, seed, stats)
         row.update(
             accuracy=accuracy,
+            k=max(t.k for t in report.tensors),
             bits_per_weight=report.bits_per_weight,
             file_bytes=stored.file_bytes,
+            stored_bits_per_weight=stored.stored_bits_per_weight,
+            index_bytes=stored.index_bytes,
+            codebook_bytes=stored.codebook_bytes,
+            raw_bytes=stored.raw_bytes,
+            header_bytes=stored.header_bytes,
             compression_ratio=stored.compression_ratio,
             quantize_seconds=quantize_seconds,
             distinct_values=max(t.distinct for t in report.tensors),

@@ -74,8 +74,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     def show(row: dict[str, Any]) -> None:
         say(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "
-            f"{row['accuracy']:.2f}% (test) at {row['bits_per_weight']:.2f} bits/weight, "
-            f"{row['file_bytes'] / 1000:.1f} KB, trained {row['train_seconds'] or 0:.0f} s")
+            f"{row['accuracy']:.2f}% (test), {row['file_bytes'] / 1000:.1f} KB "
+            f"({row['stored_bits_per_weight']:.2f} stored bits/weight), "
+            f"trained {row['train_seconds'] or 0:.0f} s")
 
     bench.run(on_row=show)
     say(f"results in {args.out} (test accuracies). Next: qareg report {args.out} --out-dir "

@@ -114,11 +114,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         add_flags(p.add_argument_group(cls.__name__), field_flags(cls))
     flags = method_flags()
     add_flags(p.add_argument_group("method options"), flags, OPTION_DEST)
-    for cls in {METHODS.get(n).config_class for n in list_methods()}:
-        for old in getattr(cls, "RENAMED", {}):  # the last release's names, hidden
-            if old not in {f.field for f in flags}:
-                p.add_argument(flag_name(old), dest=OPTION_DEST + old, type=yaml_value,
-                               default=None, help=argparse.SUPPRESS)
+    renamed = {old for n in list_methods()
+               for old in getattr(METHODS.get(n).config_class, "RENAMED", {})}
+    for old in sorted(renamed - {f.field for f in flags}):  # the last release's names, hidden
+        p.add_argument(flag_name(old), dest=OPTION_DEST + old, type=yaml_value, default=None,
+                       help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_train)
 
 
@@ -176,7 +176,8 @@ def _spec(args: argparse.Namespace, saved: dict[str, Any] | None) -> RunSpec:
     method = create_method(method_name, build(method_cls.config_class, sections["method"],
                                               f"the options of --method {method_name}"))
     bits = args.bits if args.bits is not None else (saved.get("bits") if saved else None)
-    return RunSpec(method, method.resolve_bits(bits), init_from,
+    method.bits = method.resolve_bits(bits)  # what it will train at (qareg: k = 2**bits)
+    return RunSpec(method, method.bits, init_from,
                    build(DataConfig, sections["data"], "data"),
                    build(TrainConfig, sections["train"], "train"))
 

@@ -1,9 +1,9 @@
 """Compressed model files: bit-packing, entropy coding and the safetensors container."""
 
 from qareg.compress.bitpack import pack_bits, unpack_bits
+from qareg.compress.info import CompressedInfo
 from qareg.compress.io import (
     CompressedFileError,
-    CompressedInfo,
     inspect_compressed,
     is_compressed_file,
     load_compressed,

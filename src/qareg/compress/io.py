@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,9 @@ import torch
 from torch import nn
 
 from qareg.checkpoint import atomic_write
-from qareg.compress.bitpack import pack_bits, packed_size, unpack_bits
+from qareg.compress.bitpack import pack_bits, unpack_bits
 from qareg.compress.entropy import empirical_entropy_bytes, range_decode, range_encode
+from qareg.compress.info import CompressedInfo, StoredTensor
 from qareg.constants import CODEBOOK_SUFFIX
 from qareg.errors import ConfigError, QaregError
 from qareg.filetypes import describe, sniff
@@ -50,86 +50,6 @@ class CompressedFileError(QaregError):
     """A file that is not a readable qareg compressed file: truncated, corrupted, of
     another format or version, or not matching the model it is loaded into. The message
     says what is wrong; nothing is loaded."""
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """How one quantized tensor is stored, with its real sizes."""
-
-    name: str
-    shape: tuple[int, ...]
-    k: int
-    bits: int  # ceil(log2 k)
-    coding: str  # "packed" (bits per index) or "range" (entropy coded)
-    index_bytes: int  # bytes of the index stream as stored
-    codebook_bytes: int
-    entropy_bytes: float  # N * H / 8, H the empirical entropy of the indices
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits (indices and codebook) per weight."""
-        return 8 * (self.index_bytes + self.codebook_bytes) / max(1, self.numel)
-
-
-@dataclass(frozen=True)
-class CompressedInfo:
-    """Size accounting of one compressed file, from its real bytes."""
-
-    file_bytes: int
-    float32_bytes: int  # the float32 state dict saved with safetensors, measured at save time
-    raw_bytes: int  # tensors stored as they are (biases, batch norm)
-    raw_values: int
-    tensors: tuple[StoredTensor, ...]
-    model: dict[str, Any] | None  # registry name and constructor arguments
-    qareg_version: str
-    meta: dict[str, Any]  # how the model was made: config, seed, git commit...
-
-    @property
-    def quantized_weights(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.float32_bytes / self.file_bytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Bits of indices and codebooks per quantized weight."""
-        stored = sum(t.index_bytes + t.codebook_bytes for t in self.tensors)
-        return 8 * stored / max(1, self.quantized_weights)
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """Bits of the whole file per stored value (quantized weights and raw values)."""
-        return 8 * self.file_bytes / max(1, self.quantized_weights + self.raw_values)
-
-    @property
-    def ideal_bytes(self) -> float:
-        """N * ceil(log2 k) / 8 per quantized tensor plus its codebook, plus raw tensors."""
-        return self.raw_bytes + sum(packed_size(t.numel, t.bits) + t.codebook_bytes
-                                    for t in self.tensors)
-
-    def format_table(self) -> str:
-        header = (f"{'tensor':<28} {'shape':<16} {'k':>6} {'coding':<7} {'index B':>10} "
-                  f"{'entropy B':>10} {'bits/w':>7}")
-        lines = [header, "-" * len(header)]
-        for t in self.tensors:
-            shape = "x".join(map(str, t.shape))
-            lines.append(f"{t.name:<28} {shape:<16} {t.k:>6} {t.coding:<7} {t.index_bytes:>10} "
-                         f"{t.entropy_bytes:>10.0f} {t.bits_per_weight:>7.3f}")
-        lines += [
-            "-" * len(header),
-            f"quantized: {self.quantized_weights} weights, {self.bits_per_weight:.3f} bits/weight",
-            f"raw: {self.raw_values} values in {self.raw_bytes} bytes",
-            f"file: {self.file_bytes} bytes, {self.bits_per_parameter:.3f} bits/parameter; "
-            f"float32 safetensors: {self.float32_bytes} bytes; "
-            f"compression ratio {self.compression_ratio:.2f}x",
-        ]
-        return "\n".join(lines)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

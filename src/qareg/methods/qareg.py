@@ -137,10 +137,14 @@ class QaregMethod(Method):
         if bits is None:
             return None
         k = self.config.k
-        if k != QaregConfig.k and k != 2 ** check_bits(bits):
+        if k != type(self.config).k and k != 2 ** check_bits(bits):
             raise ConfigError(f"bits={bits} means k = {2 ** bits}, but k is {k}; give one of "
                               "them")
         return check_bits(bits)
+
+    def options(self) -> dict[str, Any]:
+        """The config, with the k the codebooks have (2**bits once prepared at bits)."""
+        return {**super().options(), "k": self.codebook_size(self.bits)}
 
     def codebook_size(self, bits: int | None) -> int:
         """k for `bits` (2**bits), or the config's k."""

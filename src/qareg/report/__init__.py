@@ -11,13 +11,14 @@ from typing import Any
 
 from qareg.errors import ConfigError
 from qareg.report.histograms import histogram_record
-from qareg.report.plots import plot_accuracy_vs_bits, plot_histograms
-from qareg.report.results import load_results, method_order, setting, summary
+from qareg.report.plots import plot_accuracy_vs_bits, plot_accuracy_vs_size, plot_histograms
+from qareg.report.results import load_results, method_order, pareto_frontier, setting, summary
 from qareg.report.tables import markdown_table
 from qareg.version import __version__
 
-__all__ = ["histogram_record", "load_results", "markdown_table", "plot_accuracy_vs_bits",
-           "plot_histograms", "summary", "write_report"]
+__all__ = ["histogram_record", "load_results", "markdown_table", "pareto_frontier",
+           "plot_accuracy_vs_bits", "plot_accuracy_vs_size", "plot_histograms", "summary",
+           "write_report"]
 
 
 def _slug(*parts: Any) -> str:
@@ -61,10 +62,15 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> list[Path]
                 else f"accuracy_vs_bits_{_slug(model, dataset)}.png")
         setting_rows = [r for r in rows if setting(r) == (model, dataset)]
         plots.append(plot_accuracy_vs_bits(setting_rows, out_dir / name))
+        size_name = name.replace("accuracy_vs_bits", "accuracy_vs_size")
+        if any(r.get("file_bytes") is not None for r in setting_rows):
+            plots.append(plot_accuracy_vs_size(setting_rows, out_dir / size_name))
         text += [f"## {model} on {dataset}", "",
                  markdown_table([s for s in groups if (s["model"], s["dataset"]) ==
                                  (model, dataset)]).rstrip("\n"),
                  "", f"![accuracy vs bits per weight]({name})", ""]
+        if plots[-1].name == size_name:
+            text += [f"![accuracy vs stored bytes]({size_name})", ""]
         chosen = _histogram_rows(setting_rows)
         if chosen:
             text += ["### Weight histograms (before and after training)", ""]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qareg.errors import ConfigError
-from qareg.report.results import UNKNOWN, setting, summary
+from qareg.report.results import UNKNOWN, pareto_frontier, setting, summary
 from qareg.version import __version__
 
 if TYPE_CHECKING:
@@ -29,29 +29,37 @@ def _save(fig: Figure, path: str | Path, commits: Iterable[str]) -> Path:
     return path
 
 
+def _canvas(groups: list[dict[str, Any]], plot: str, what: str
+            ) -> tuple[tuple[str, str], Figure, Any]:
+    """((model, dataset), figure, axes) for a plot of the summary `groups`, which must be of
+    exactly one model/dataset. matplotlib's object API: no pyplot, no global state."""
+    from matplotlib.figure import Figure
+
+    settings = sorted({(s["model"], s["dataset"]) for s in groups})
+    if len(settings) != 1:
+        raise ConfigError(f"{plot} needs {what} of exactly one model/dataset, got "
+                          f"{settings or 'none'}; plot each one apart")
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    return settings[0], fig, fig.add_subplot()
+
+
+def _style(i: int) -> dict[str, str]:
+    """The color and marker of the i-th method, the same in every plot."""
+    return {"color": f"C{i % 10}", "marker": "osD^vP*Xh<>"[i % 11]}
+
+
 def plot_accuracy_vs_bits(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Test accuracy (mean, sample-std error bars) against bits/weight on a log2 axis, one
     line per method, fp as a dashed horizontal line; `rows` are result rows of one
     model/dataset. Saves a PNG at `path` and returns it."""
     groups = summary(rows)
-    settings = sorted({(s["model"], s["dataset"]) for s in groups})
-    if len(settings) != 1:
-        raise ConfigError("plot_accuracy_vs_bits needs the rows of exactly one model/dataset, "
-                          f"got {settings or 'no rows'}; plot each one apart")
-    (model, dataset), = settings
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-    ax = fig.add_subplot()
+    (model, dataset), fig, ax = _canvas(groups, "plot_accuracy_vs_bits", "rows")
     quantized = [s for s in groups if not s["reference"]]
-    methods = sorted({s["method"] for s in quantized})
-    colors = [f"C{i % 10}" for i in range(len(methods))]
-    markers = "osD^vP*Xh<>"
-    for i, method in enumerate(methods):
+    for i, method in enumerate(sorted({s["method"] for s in quantized})):
         line = sorted((s for s in quantized if s["method"] == method), key=lambda s: s["bits"])
         ax.errorbar([s["bits_per_weight"] for s in line], [s["accuracy_mean"] for s in line],
-                    yerr=[s["accuracy_std"] for s in line], label=method, color=colors[i],
-                    marker=markers[i % len(markers)], capsize=3, linewidth=1.5)
+                    yerr=[s["accuracy_std"] for s in line], label=method, capsize=3,
+                    linewidth=1.5, **_style(i))
     for s in (s for s in groups if s["reference"]):
         ax.axhline(s["accuracy_mean"], color="0.3", linestyle="--", linewidth=1.2,
                    label=f"{s['method']} ({s['bits_per_weight']:g} bits/weight)")
@@ -67,6 +75,38 @@ def plot_accuracy_vs_bits(rows: Iterable[Mapping[str, Any]], path: str | Path) -
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model} on {dataset}: accuracy vs bits per weight")
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path, (c for s in groups for c in s["commits"]))
+
+
+def plot_accuracy_vs_size(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Test accuracy (mean over seeds) against the compressed file's bytes (mean, log axis):
+    every (method, bits) as a marker, each method's Pareto frontier as its line, the
+    full-precision reference as a dashed line; `rows` are result rows of one model/dataset
+    (rows without file sizes are left out). Saves a PNG at `path` and returns it."""
+    from matplotlib.ticker import FuncFormatter
+
+    groups = [s for s in summary(rows) if s["file_bytes"] is not None]
+    (model, dataset), fig, ax = _canvas(groups, "plot_accuracy_vs_size", "rows with file sizes")
+    quantized = [s for s in groups if not s["reference"]]
+    for i, method in enumerate(sorted({s["method"] for s in quantized})):
+        mine = [s for s in quantized if s["method"] == method]
+        ax.scatter([s["file_bytes"] / 1e3 for s in mine], [s["accuracy_mean"] for s in mine],
+                   s=22, alpha=0.6, **_style(i))
+        frontier = pareto_frontier((s["file_bytes"] / 1e3, s["accuracy_mean"]) for s in mine)
+        ax.plot(*zip(*frontier, strict=True), label=method, linewidth=1.5, **_style(i))
+    for s in (s for s in groups if s["reference"]):
+        ax.axhline(s["accuracy_mean"], color="0.3", linestyle="--", linewidth=1.2,
+                   label=f"{s['method']} ({s['file_bytes'] / 1e3:.0f} KB)")
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")  # 12 rather than 1.2 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("compressed file size (KB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model} on {dataset}: accuracy vs stored bytes\n"
+                 "(lines: each method's Pareto frontier)", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path, (c for s in groups for c in s["commits"]))
 

@@ -22,7 +22,8 @@ from qareg.errors import ConfigError, QaregWarning
 
 REFERENCE_BITS = 32  # the "bits" of the full-precision reference row (qareg.bench.FP_BITS)
 REQUIRED = ("method", "bits", "seed", "accuracy", "bits_per_weight")
-OPTIONAL_NUMBERS = ("file_bytes", "train_seconds", "peak_memory_bytes")  # null when unknown
+# null when unknown (rows of older benches have no stored_bits_per_weight)
+OPTIONAL_NUMBERS = ("file_bytes", "stored_bits_per_weight", "train_seconds", "peak_memory_bytes")
 OPTIONAL_TEXTS = ("model", "dataset", "git_commit")
 UNKNOWN = "unknown"  # shown for a missing model, dataset or commit
 
@@ -183,3 +184,13 @@ def summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out.sort(key=lambda s: (s["model"], s["dataset"], method_order(s), s["bits"]))
     return out
 
+
+
+def pareto_frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (size, accuracy) points no other point beats, by size ascending: each is more
+    accurate than every point at most its size."""
+    frontier: list[tuple[float, float]] = []
+    for size, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not frontier or accuracy > frontier[-1][1]:
+            frontier.append((size, accuracy))
+    return frontier

@@ -31,14 +31,16 @@ def markdown_table(summary_rows: Iterable[Mapping[str, Any]]) -> str:
             f"**{model} on {dataset}**, from commit{'s' * (len(commits) > 1)} "
             + ", ".join(f"`{_short_commit(c)}`" for c in commits),
             "",
-            "| method | bits | bits/weight | accuracy % | drop | n | file KB | train s | peak MB |",
-            "|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| method | bits | bits/weight | stored bits/weight | accuracy % | drop | n | file KB "
+            "| train s | peak MB |",
+            "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for s in group:
             std = _fmt(s["accuracy_std"], ".2f") if s["n"] > 1 else "-"
             lines.append(
                 f"| {s['method']} | {s['bits']} | {s['bits_per_weight']:.2f} "
-                f"| {s['accuracy_mean']:.2f} ± {std} | {_fmt(s['drop'], '.2f')} | {s['n']} "
+                f"| {_fmt(s['stored_bits_per_weight'], '.2f')} | {s['accuracy_mean']:.2f} ± {std} "
+                f"| {_fmt(s['drop'], '.2f')} | {s['n']} "
                 f"| {_fmt(s['file_bytes'], '.1f', 1e3)} | {_fmt(s['train_seconds'], '.1f')} "
                 f"| {_fmt(s['peak_memory_bytes'], '.1f', 1e6)} |"
             )

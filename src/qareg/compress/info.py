@@ -1,0 +1,110 @@
+"""Size accounting of a compressed file: what each quantized tensor costs, and the whole
+file split into index streams, codebooks, tensors stored as they are, and headers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from qareg.compress.bitpack import packed_size
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How one quantized tensor is stored, with its real sizes."""
+
+    name: str
+    shape: tuple[int, ...]
+    k: int
+    bits: int  # ceil(log2 k)
+    coding: str  # "packed" (bits per index) or "range" (entropy coded)
+    index_bytes: int  # bytes of the index stream as stored
+    codebook_bytes: int
+    entropy_bytes: float  # N * H / 8, H the empirical entropy of the indices
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits (indices and codebook) per weight."""
+        return 8 * (self.index_bytes + self.codebook_bytes) / max(1, self.numel)
+
+
+@dataclass(frozen=True)
+class CompressedInfo:
+    """Size accounting of one compressed file, from its real bytes."""
+
+    file_bytes: int
+    float32_bytes: int  # the float32 state dict saved with safetensors, measured at save time
+    raw_bytes: int  # tensors stored as they are (biases, batch norm)
+    raw_values: int
+    tensors: tuple[StoredTensor, ...]
+    model: dict[str, Any] | None  # registry name and constructor arguments
+    qareg_version: str
+    meta: dict[str, Any]  # how the model was made: config, seed, git commit...
+
+    @property
+    def quantized_weights(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.float32_bytes / self.file_bytes
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the quantized tensors' index streams."""
+        return sum(t.index_bytes for t in self.tensors)
+
+    @property
+    def codebook_bytes(self) -> int:
+        """Bytes of the quantized tensors' codebooks."""
+        return sum(t.codebook_bytes for t in self.tensors)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes of everything but tensor data: the headers and the container's framing."""
+        return self.file_bytes - self.index_bytes - self.codebook_bytes - self.raw_bytes
+
+    @property
+    def stored_bits_per_weight(self) -> float:
+        """8 x the whole file's bytes per quantized weight: what a weight costs on disk."""
+        return 8 * self.file_bytes / max(1, self.quantized_weights)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits of indices and codebooks per quantized weight."""
+        stored = sum(t.index_bytes + t.codebook_bytes for t in self.tensors)
+        return 8 * stored / max(1, self.quantized_weights)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Bits of the whole file per stored value (quantized weights and raw values)."""
+        return 8 * self.file_bytes / max(1, self.quantized_weights + self.raw_values)
+
+    @property
+    def ideal_bytes(self) -> float:
+        """N * ceil(log2 k) / 8 per quantized tensor plus its codebook, plus raw tensors."""
+        return self.raw_bytes + sum(packed_size(t.numel, t.bits) + t.codebook_bytes
+                                    for t in self.tensors)
+
+    def format_table(self) -> str:
+        header = (f"{'tensor':<28} {'shape':<16} {'k':>6} {'coding':<7} {'index B':>10} "
+                  f"{'entropy B':>10} {'bits/w':>7}")
+        lines = [header, "-" * len(header)]
+        for t in self.tensors:
+            shape = "x".join(map(str, t.shape))
+            lines.append(f"{t.name:<28} {shape:<16} {t.k:>6} {t.coding:<7} {t.index_bytes:>10} "
+                         f"{t.entropy_bytes:>10.0f} {t.bits_per_weight:>7.3f}")
+        lines += [
+            "-" * len(header),
+            f"quantized: {self.quantized_weights} weights, {self.bits_per_weight:.3f} bits/weight",
+            f"raw: {self.raw_values} values in {self.raw_bytes} bytes",
+            f"file: {self.file_bytes} bytes, {self.bits_per_parameter:.3f} bits/parameter; "
+            f"float32 safetensors: {self.float32_bytes} bytes; "
+            f"compression ratio {self.compression_ratio:.2f}x",
+        ]
+        return "\n".join(lines)
