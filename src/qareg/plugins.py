@@ -28,10 +28,10 @@ def load_plugin(path: str | Path) -> list[str]:
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
         spec.loader.exec_module(module)
-    except ConfigError:
-        raise
     except Exception as error:
-        del sys.modules[name]
+        del sys.modules[name]  # a half-run file leaves nothing behind
+        if isinstance(error, ConfigError):  # e.g. a method name already taken: said plainly
+            raise
         raise ConfigError(f"--plugin {str(path)!r} failed to load: {type(error).__name__}: "
                           f"{error}") from error
     return sorted(set(list_methods()) - before)
