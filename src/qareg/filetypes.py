@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+COMPRESSED_MAGIC = b"\x89QAREGZ\n"  # qareg.compress.container.MAGIC (format 2 and later)
 SNIFF_BYTES = 4096
 
 KINDS = {
@@ -36,6 +37,8 @@ def sniff(path: str | Path) -> str:
         return "empty"
     if head.startswith(ZIP_MAGIC):
         return "checkpoint"
+    if head.startswith(COMPRESSED_MAGIC):
+        return "compressed"
     if len(head) >= 9 and head[8:9] == b"{":
         (length,) = struct.unpack("<Q", head[:8])
         with path.open("rb") as f:

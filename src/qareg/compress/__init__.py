@@ -1,4 +1,4 @@
-"""Compressed model files: bit-packing, entropy coding and the safetensors container."""
+"""Compressed model files: bit-packing, entropy coding and the file container."""
 
 from qareg.compress.bitpack import pack_bits, unpack_bits
 from qareg.compress.info import CompressedInfo

@@ -4,8 +4,10 @@ file split into index streams, codebooks, tensors stored as they are, and header
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor
 
 from qareg.compress.bitpack import packed_size
 
@@ -108,3 +110,34 @@ class CompressedInfo:
             f"compression ratio {self.compression_ratio:.2f}x",
         ]
         return "\n".join(lines)
+
+
+@dataclass
+class FileContents:
+    """What a compressed file holds, read and checked, before any index is decoded: the
+    same for every format version."""
+
+    model: dict[str, Any] | None
+    qareg_version: str
+    meta: dict[str, Any]
+    float32_bytes: int
+    entries: list[dict[str, Any]]  # per quantized tensor: name, shape, dtype, k, bits, coding
+    codebooks: dict[str, Tensor] = field(default_factory=dict)  # by tensor name
+    streams: dict[str, Tensor] = field(default_factory=dict)  # uint8 index streams, by name
+    raw: dict[str, Tensor] = field(default_factory=dict)  # tensors stored as they are
+
+    def info(self, file_bytes: int) -> CompressedInfo:
+        """The size accounting of a file of `file_bytes` with these contents."""
+        stored = tuple(
+            StoredTensor(name=e["name"], shape=tuple(e["shape"]), k=e["k"], bits=e["bits"],
+                         coding=e["coding"], index_bytes=self.streams[e["name"]].numel(),
+                         codebook_bytes=self.codebooks[e["name"]].nbytes,
+                         entropy_bytes=e["entropy_bytes"])
+            for e in self.entries
+        )
+        return CompressedInfo(
+            file_bytes=file_bytes, float32_bytes=self.float32_bytes,
+            raw_bytes=sum(t.nbytes for t in self.raw.values()),
+            raw_values=sum(t.numel() for t in self.raw.values()),
+            tensors=stored, model=self.model, qareg_version=self.qareg_version, meta=self.meta,
+        )
