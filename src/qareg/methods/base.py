@@ -82,6 +82,10 @@ class Method:
     # TrainConfig fields of this method's recommended fine-tuning, used by `qareg train
     # --init-from` and by `qareg bench`; training from scratch keeps TrainConfig's defaults.
     recipe: ClassVar[dict[str, Any]] = {"optimizer": "adam", "lr": 1e-3}
+    # What `qareg bench --tune-trials N` tries, the first N in this order, chosen on the
+    # validation split: each a dict of this method's options and/or "lr" (the fine-tuning
+    # learning rate); {} is the options as configured. Documented hyperparameters only.
+    search_space: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def __init__(self, config: Any = None) -> None:
         if config is None:

@@ -307,7 +307,8 @@ def bit_widths(model: nn.Module) -> dict[str, int]:
     return {name: q.active_bits() for name, _, _, q in cpq_quantizers(model)}
 
 
-@register_method("cpq", config_class=CPQConfig, quantizer_class=CPQQuantizer)
+@register_method("cpq", config_class=CPQConfig, quantizer_class=CPQQuantizer, search_space=(
+    {}, {"drop_rate": 0.3}, {"sigma_init": 0.1}, {"lr": 3e-4}))
 class CPQMethod(ParametrizedMethod):
     """Mode-of-relaxed-quantization forward, multi-class STE backward, DropBits gates."""
 

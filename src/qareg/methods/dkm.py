@@ -118,6 +118,7 @@ class DKMConfig(QuantizerOptions):
         object.__setattr__(self, "init", check_init("init", self.init))
 
 
-@register_method("dkm", config_class=DKMConfig, quantizer_class=DKMQuantizer)
+@register_method("dkm", config_class=DKMConfig, quantizer_class=DKMQuantizer, search_space=(
+    {}, {"tau": 0.03}, {"tau": 0.3}, {"tau": 1.0}))
 class DKMMethod(ParametrizedMethod):
     """Train through soft assignments to k = 2**bits learned centroids; snap at the end."""

@@ -160,7 +160,8 @@ class GradL1Config:
         check_int("clip_ratios", self.clip_ratios, 1, MAX_CLIP_RATIOS)
 
 
-@register_method("gradl1", config_class=GradL1Config, post_training=True)
+@register_method("gradl1", config_class=GradL1Config, post_training=True, search_space=(
+    {}, {"lam": 1e-4}, {"lam": 1e-2}, {"lr": 3e-4}))
 class GradL1Method(Method):
     """Train once with the gradient L1 penalty; uniform quantization at any bit-width after."""
 

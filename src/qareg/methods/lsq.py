@@ -136,6 +136,7 @@ class LSQConfig(QuantizerOptions):
     lr_scale: float = 0.1  # step-size learning rate = lr * this (the paper: 1; see above)
 
 
-@register_method("lsq", config_class=LSQConfig, quantizer_class=LSQQuantizer)
+@register_method("lsq", config_class=LSQConfig, quantizer_class=LSQQuantizer, search_space=(
+    {}, {"lr_scale": 1.0}, {"lr": 3e-4}, {"lr": 3e-3}))
 class LSQMethod(ParametrizedMethod):
     """Quantization-aware training with a learned step size per tensor (weights only)."""

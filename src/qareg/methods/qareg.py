@@ -126,7 +126,8 @@ class QaregConfig:
 RegularizerConfig = QaregConfig  # the name of the last release, kept for one release
 
 
-@register_method("qareg", config_class=QaregConfig)
+@register_method("qareg", config_class=QaregConfig, search_space=(
+    {}, {"lam": 0.1}, {"lam": 10.0}, {"lr": 3e-4}))
 class QaregMethod(Method):
     """Train with `lambda(t) * penalty(model)` and snapped forward passes; codebooks learn
     with the weights."""

@@ -33,11 +33,13 @@ class SnappedOnlyConfig(QaregConfig):
     snapped_fraction: float = 1.0  # every forward pass through the snapped weights
 
 
-@register_method("qareg-reg", config_class=RegularizerOnlyConfig)
+@register_method("qareg-reg", config_class=RegularizerOnlyConfig, search_space=(
+    {}, {"lam": 100.0}, {"lam": 10000.0}, {"lr": 3e-4}))
 class RegularizerOnlyMethod(QaregMethod):
     """The seed paper's method: the quantization-aware regularizer alone."""
 
 
-@register_method("qareg-ste", config_class=SnappedOnlyConfig)
+@register_method("qareg-ste", config_class=SnappedOnlyConfig, search_space=(
+    {}, {"lr": 3e-4}, {"lr": 3e-3}, {"codebook_lr_scale": 0.1}))
 class SnappedOnlyMethod(QaregMethod):
     """The ablation: snapped forward passes with learned codebooks, lambda 0."""

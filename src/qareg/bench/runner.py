@@ -16,17 +16,22 @@ batch norm re-estimated), tested, and stored as a compressed file to weigh it. A
 appended (and flushed to disk) as soon as its run ends, so an interrupted bench resumes
 where it stopped: runs already in the file are not rerun. The reference row (the method
 that does not quantize, `fp`) has bits 32.
+
+Tuning (`tune_trials` N > 0): every method that trains gets the same N trials, the first N
+candidates of its `search_space`, on the first seed; the one with the best accuracy on the
+validation split after conversion is reported for that seed and trained again for the
+others. Each row records the trials and the choice. The test split is read once per row,
+after its choice is made.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
+import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,158 +39,32 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qareg.bench.config import FP_BITS, BenchConfig, reference_method
+from qareg.bench.results_file import RunKey, append_row, read_done
 from qareg.checkpoint import read_checkpoint, save_checkpoint
 from qareg.compress import save_compressed
-from qareg.config import DataConfig, TrainConfig, as_dict
+from qareg.config import as_dict
 from qareg.data import DatasetSplits, load_dataset
 from qareg.engine import convert_with_data, train
 from qareg.errors import ConfigError
 from qareg.evaluation import evaluate
 from qareg.memory import peak_bytes, reset_peak
-from qareg.methods import METHODS, Method, create_method, list_methods
+from qareg.methods import METHODS, Method
 from qareg.methods.parametrized import latent_weight
 from qareg.models import create_model
 from qareg.provenance import provenance
 from qareg.quantize import quantized_tensors, select_tensors
 from qareg.report.histograms import histogram_record
-from qareg.validate import check_bits, check_float, check_int
-
-FP_BITS = 32  # the "bits" of the full-precision reference row
 
 
-def reference_method() -> str:
-    """The name of the registered method that does not quantize: every bench's reference."""
-    names = [name for name in list_methods() if not METHODS.get(name).quantizes]
-    assert len(names) == 1, f"exactly one reference method must be registered, got {names}"
-    return names[0]
+@dataclass
+class Trained:
+    """One trained network of a run, with what made it."""
 
-
-def _check_names(name: str, values: Any, valid: list[str]) -> tuple[str, ...]:
-    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
-        raise ConfigError(f"{name} must be a non-empty list, one or more of {', '.join(valid)}; "
-                          f"got {values!r}")
-    for value in values:
-        if value not in valid:
-            raise ConfigError(f"{name}: unknown {value!r}; valid: {', '.join(valid)}")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
-    return tuple(values)
-
-
-def _check_ints(name: str, values: Any, check: Callable[[Any], Any]) -> tuple[int, ...]:
-    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
-        raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
-    for value in values:
-        check(value)
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
-    return tuple(values)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """One comparison: which methods, bit-widths and seeds, on what, with what budget."""
-
-    model: str = "lenet5"  # a name from qareg.list_models()
-    dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
-    # methods compared (registered names); the reference, fp, always runs as well
-    methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "qareg-reg", "qareg-ste",
-                                "cpq", "gradl1", "lsq", "dkm")
-    bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
-    seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
-    pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)
-    epochs: int = 3  # every method's own training budget, from the pretrained network
-    lr: float | None = None  # every method's learning rate; None: each method's recipe
-    pretrain_lr: float = 0.05  # SGD learning rate of the shared pretraining
-    batch_size: int = 128  # images per step, in both phases
-    data_dir: str | None = None  # dataset folder; None: $QAREG_DATA or the default
-    val_size: int = 5000  # training images held out (not trained on; for choices)
-    augment: bool = True  # the dataset's usual augmentation, in both phases
-    device: str = "cpu"  # cpu, cuda, cuda:N or mps
-    method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fields
-
-    def __post_init__(self) -> None:
-        # the fields they share with the data and training configs, checked by them
-        DataConfig(dataset=self.dataset, data_dir=self.data_dir, val_size=self.val_size,
-                   augment=self.augment)
-        TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
-                    lr=self.pretrain_lr, device=self.device)
-        valid = [m for m in list_methods() if METHODS.get(m).quantizes]
-        object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
-        object.__setattr__(self, "bits", tuple(sorted(_check_ints("bits", self.bits,
-                                                                  check_bits))))
-        object.__setattr__(self, "seeds", _check_ints(
-            "seeds", self.seeds, lambda s: check_int("seed", s, 0)))
-        check_int("pretrain_epochs", self.pretrain_epochs, 0)
-        check_float("pretrain_lr", self.pretrain_lr, 0, low_open=True)
-        if self.lr is not None:
-            check_float("lr", self.lr, 0, low_open=True)
-        if not isinstance(self.method_configs, dict):
-            raise ConfigError(f"method_configs must map method names to fields, got "
-                              f"{self.method_configs!r}")
-        for name in self.method_configs:
-            if name not in list_methods():
-                raise ConfigError(f"method_configs: unknown method {name!r}; valid: "
-                                  f"{', '.join(list_methods())}")
-            self.method(name)  # validates the fields now, not after hours of training
-
-    def method(self, name: str) -> Method:
-        """A fresh instance of method `name` with this bench's config for it."""
-        return create_method(name, dict(self.method_configs.get(name, {})))
-
-    def pretraining(self, seed: int) -> TrainConfig:
-        return TrainConfig(model=self.model, epochs=self.pretrain_epochs, optimizer="sgd",
-                           lr=self.pretrain_lr, batch_size=self.batch_size, seed=seed,
-                           device=self.device)
-
-    def method_training(self, method: Method, seed: int) -> TrainConfig:
-        """The recipe `method` trains with: its own (`Method.recipe`), this bench's epochs,
-        batch size and seed, and `lr` when given."""
-        recipe = {**method.recipe, **({"lr": self.lr} if self.lr is not None else {})}
-        return TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
-                           seed=seed, device=self.device, **recipe)
-
-    def recipe(self) -> dict[str, Any]:
-        """What every row of one results file must share (checked when resuming)."""
-        keep = ("model", "dataset", "pretrain_epochs", "epochs", "lr", "pretrain_lr",
-                "batch_size", "val_size", "augment")
-        return {k: getattr(self, k) for k in keep}
-
-
-RunKey = tuple[str, int, int]  # (method, bits, seed)
-
-
-def read_done(path: Path, recipe: dict[str, Any]) -> dict[RunKey, dict[str, Any]]:
-    """Rows already in the results file, by (method, bits, seed); a file written with
-    another recipe is refused (its rows would not be comparable)."""
-    done: dict[RunKey, dict[str, Any]] = {}
-    if not path.exists():
-        return done
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = (row["method"], int(row["bits"]), int(row["seed"]))
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"results file {str(path)!r} line {number} is not a bench result; "
-                              "give another --out") from None
-        if row.get("recipe") != recipe:
-            raise ConfigError(f"results file {str(path)!r} holds runs of another recipe "
-                              f"({row.get('recipe')}); this bench is {recipe}: give another "
-                              "--out, or the same settings to resume")
-        done[key] = row
-    return done
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line (creating the folder) and push it to disk before the next run
-    starts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    method: Method
+    model: nn.Module
+    stats: dict[str, Any]  # train_seconds, peak_memory_bytes, final_task_loss
+    choice: dict[str, Any]  # the tuning choice it was trained with ({}: as configured)
 
 
 def latent_weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
@@ -286,9 +165,9 @@ class Bench:
         return self._cached(f"pretrain-seed{seed}", build)[0]
 
     def _train(self, method: Method, model: nn.Module, seed: int, bits: int | None,
-               label: str) -> dict[str, Any]:
+               label: str, choice: dict[str, Any] | None = None) -> dict[str, Any]:
         """Prepare `model` for `method` and train it; returns time and peak memory."""
-        config = self.config.method_training(method, seed)
+        config = self.config.method_training(method, seed, choice)
         method.prepare(model, bits, seed)
         reset_peak(self.config.device)
         start = time.perf_counter()
@@ -298,31 +177,73 @@ class Bench:
                 "peak_memory_bytes": peak_bytes(self.config.device),
                 "final_task_loss": history[-1].task_loss if history else None}
 
+    def _train_choice(self, name: str, choice: dict[str, Any], bits: int | None, seed: int
+                      ) -> Trained:
+        """A copy of the pretrained network trained by `name` with a tuning `choice`."""
+        method, model = self.config.method(name, choice), copy.deepcopy(self.pretrained(seed))
+        label = f"{name}{f' {bits}b' if bits else ''} seed {seed}{f' {choice}' if choice else ''}"
+        stats = self._train(method, model, seed, bits, label, choice)
+        return Trained(method, model, stats, choice)
+
+    # --- tuning ---------------------------------------------------------------------------
+
+    def validation_accuracy(self, trained: Trained, bits: int, seed: int) -> float:
+        """Accuracy on the validation split of a converted copy of `trained` at `bits`."""
+        model = copy.deepcopy(trained.model)
+        convert_with_data(model, self.splits, self.config.method_training(
+            trained.method, seed, trained.choice), trained.method, bits)
+        return evaluate(model, self.splits.val, self.splits, self.config.device)
+
+    def tune(self, name: str, bits: int | None, seed: int, judged_at: list[int]
+             ) -> tuple[Trained, dict[str, Any] | None]:
+        """The network `name` trains (at `bits`; None: once for every width) and the record
+        of how its options were chosen. On the first seed every candidate of the method's
+        search space is trained and the best mean validation accuracy over `judged_at` wins
+        (the earlier candidate on a tie); later seeds train the choice made there. Never
+        reads the test split. Methods not tuned train as configured (record None)."""
+        first = self.config.seeds[0]
+        if name not in self.config.tuned_methods():
+            return self._train_choice(name, {}, bits, seed), None
+        if seed != first:
+            tuned = self.done.get((name, judged_at[0], first))
+            if tuned is None or not tuned.get("tuning"):
+                raise ConfigError(f"{name} at {judged_at[0]} bits: no tuned row of seed {first} "
+                                  f"in {str(self.out)!r} to take the choice from")
+            choice = tuned["tuning"]["choice"]
+            return self._train_choice(name, choice, bits, seed), {"choice": choice,
+                                                                  "seed": first}
+        best, best_score, trials = None, -1.0, []
+        for choice in self.config.candidates(name):
+            trained = self._train_choice(name, choice, bits, seed)
+            scores = [self.validation_accuracy(trained, b, seed) for b in judged_at]
+            trials.append({"choice": choice, "val_accuracy": scores})
+            if statistics.fmean(scores) > best_score:
+                best, best_score = trained, statistics.fmean(scores)
+        chosen = next(i for i, t in enumerate(trials) if t["choice"] is best.choice)
+        return best, {"trials": trials, "chosen": chosen, "choice": best.choice, "seed": first}
+
     # --- runs -----------------------------------------------------------------------------
 
-    def _run_method(self, name: str, bits_list: list[int], seed: int) -> list[dict[str, Any]]:
-        method = self.config.method(name)
+    def _run_method(self, name: str, bits_list: list[int], seed: int
+                    ) -> Iterator[dict[str, Any]]:
+        """The rows of method `name` at `bits_list` for `seed`, each as soon as it is done."""
+        cls = METHODS.get(name)
         start_model = self.pretrained(seed)
         names = select_tensors(start_model)
         before = latent_weights(start_model, names)
-        if not method.post_training:  # one training per bit-width
-            rows = []
-            for bits in bits_list:
-                model, method = copy.deepcopy(start_model), self.config.method(name)
-                stats = self._train(method, model, seed, bits, f"{name} {bits}b seed {seed}")
-                after = latent_weights(model, names)
-                rows.append(self._finish(method, model, bits, seed, stats, before, after))
-            return rows
-        if method.trains_in_full_precision():  # convert one shared fine-tuning
-            trained, stats = self._fine_tuned_fp(seed, start_model)
-        else:
-            trained = copy.deepcopy(start_model)
-            stats = self._train(method, trained, seed, None, f"{name} seed {seed}")
-        after = latent_weights(trained, names)
-        if not method.quantizes:
-            return [self._fp_row(trained, seed, stats)]
-        return [self._finish(method, copy.deepcopy(trained), bits, seed, stats, before, after)
-                for bits in bits_list]
+        if cls.trains_in_full_precision():  # the reference and post-training quantizers
+            model, stats = self._fine_tuned_fp(seed, start_model)
+            trained, tuning = Trained(self.config.method(name), model, stats, {}), None
+            if not cls.quantizes:
+                yield self._fp_row(trained, seed)
+                return
+        elif cls.post_training:  # one training, converted at every width
+            trained, tuning = self.tune(name, None, seed, list(bits_list))
+        for bits in bits_list:
+            if not cls.post_training:  # one training per width
+                trained, tuning = self.tune(name, bits, seed, [bits])
+            after = latent_weights(trained.model, names)
+            yield self._finish(trained, bits, seed, before, after, tuning)
 
     def _fine_tuned_fp(self, seed: int, start_model: nn.Module
                        ) -> tuple[nn.Module, dict[str, Any]]:
@@ -339,33 +260,34 @@ class Bench:
         return model, {k: meta.get(k) for k in ("train_seconds", "peak_memory_bytes",
                                                  "final_task_loss")}
 
-    def _base_row(self, method: Method, bits: int, seed: int, stats: dict[str, Any]
-                  ) -> dict[str, Any]:
-        c = self.config
+    def _base_row(self, trained: Trained, bits: int, seed: int) -> dict[str, Any]:
+        c, method = self.config, trained.method
         return {"method": method.name, "bits": bits, "seed": seed, "model": c.model,
                 "dataset": c.dataset, "epochs": c.epochs, "pretrain_epochs": c.pretrain_epochs,
-                **stats, "recipe": c.recipe(), "config": method.options(),
-                "train": as_dict(c.method_training(method, seed)),
+                **trained.stats, "recipe": c.recipe(), "config": method.options(),
+                "train": as_dict(c.method_training(method, seed, trained.choice)),
                 "device": c.device, **provenance()}
 
-    def _fp_row(self, model: nn.Module, seed: int, stats: dict[str, Any]) -> dict[str, Any]:
+    def _fp_row(self, trained: Trained, seed: int) -> dict[str, Any]:
+        model = trained.model
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         float32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()
                             if t.is_floating_point())
         quantizable = sum(model.get_parameter(n).numel() for n in select_tensors(model))
-        row = self._base_row(self.config.method(reference_method()), FP_BITS, seed, stats)
+        row = self._base_row(trained, FP_BITS, seed)
         row.update(accuracy=accuracy, bits_per_weight=float(FP_BITS), file_bytes=float32_bytes,
                    stored_bits_per_weight=8 * float32_bytes / quantizable,
                    compression_ratio=1.0)
         return row
 
-    def _finish(self, method: Method, model: nn.Module, bits: int, seed: int,
-                stats: dict[str, Any], before: dict[str, Tensor], after: dict[str, Tensor]
-                ) -> dict[str, Any]:
-        """Convert `model` with `method` at `bits`, test and weigh it: one result row."""
+    def _finish(self, trained: Trained, bits: int, seed: int, before: dict[str, Tensor],
+                after: dict[str, Tensor], tuning: dict[str, Any] | None) -> dict[str, Any]:
+        """Convert a copy of the trained network at `bits`, test it (the one read of the
+        test split for this row) and weigh it: one result row."""
+        method, model = trained.method, copy.deepcopy(trained.model)
         start = time.perf_counter()
-        report = convert_with_data(model, self.splits, self.config.method_training(method, seed),
-                                   method, bits)
+        report = convert_with_data(model, self.splits, self.config.method_training(
+            method, seed, trained.choice), method, bits)
         quantize_seconds = time.perf_counter() - start
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         grids = {t.name: t.codebook.representatives().detach().cpu()
@@ -373,7 +295,7 @@ class Bench:
         with tempfile.TemporaryDirectory(prefix="qareg-bench-") as folder:
             stored = save_compressed(model, Path(folder) / "model.qz",
                                      meta={"method": method.name, "bits": bits, "seed": seed})
-        row = self._base_row(method, bits, seed, stats)
+        row = self._base_row(trained, bits, seed)
         row.update(
             accuracy=accuracy,
             k=max(t.k for t in report.tensors),
@@ -388,5 +310,6 @@ class Bench:
             quantize_seconds=quantize_seconds,
             distinct_values=max(t.distinct for t in report.tensors),
             histograms=histogram_record(before, after, grids),
+            tuning=tuning,
         )
         return row

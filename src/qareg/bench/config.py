@@ -1,0 +1,146 @@
+"""What one `qareg bench` compares: methods, bit-widths, seeds, data, budget and tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qareg.config import DataConfig, TrainConfig
+from qareg.errors import ConfigError
+from qareg.methods import METHODS, Method, create_method, list_methods
+from qareg.validate import check_bits, check_float, check_int
+
+FP_BITS = 32  # the "bits" of the full-precision reference row
+
+
+def reference_method() -> str:
+    """The name of the registered method that does not quantize: every bench's reference."""
+    names = [name for name in list_methods() if not METHODS.get(name).quantizes]
+    assert len(names) == 1, f"exactly one reference method must be registered, got {names}"
+    return names[0]
+
+
+def _check_names(name: str, values: Any, valid: list[str]) -> tuple[str, ...]:
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"{name} must be a non-empty list, one or more of {', '.join(valid)}; "
+                          f"got {values!r}")
+    for value in values:
+        if value not in valid:
+            raise ConfigError(f"{name}: unknown {value!r}; valid: {', '.join(valid)}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
+    return tuple(values)
+
+
+def _check_ints(name: str, values: Any, check: Callable[[Any], Any]) -> tuple[int, ...]:
+    if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
+    for value in values:
+        check(value)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One comparison: which methods, bit-widths and seeds, on what, with what budget."""
+
+    model: str = "lenet5"  # a name from qareg.list_models()
+    dataset: str = "fashion-mnist"  # a name from qareg.data.list_datasets()
+    # methods compared (registered names); the reference, fp, always runs as well
+    methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "qareg-reg", "qareg-ste",
+                                "cpq", "gradl1", "lsq", "dkm")
+    bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
+    seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
+    pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)
+    epochs: int = 3  # every method's own training budget, from the pretrained network
+    lr: float | None = None  # every method's learning rate; None: each method's recipe
+    pretrain_lr: float = 0.05  # SGD learning rate of the shared pretraining
+    batch_size: int = 128  # images per step, in both phases
+    data_dir: str | None = None  # dataset folder; None: $QAREG_DATA or the default
+    val_size: int = 5000  # training images held out (not trained on; for choices)
+    augment: bool = True  # the dataset's usual augmentation, in both phases
+    device: str = "cpu"  # cpu, cuda, cuda:N or mps
+    method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fields
+    # trials per training method and bit-width: the first N of its `search_space`, chosen on
+    # the validation split of the first seed and kept for the others; 0: no tuning
+    tune_trials: int = 0
+
+    def __post_init__(self) -> None:
+        # the fields they share with the data and training configs, checked by them
+        DataConfig(dataset=self.dataset, data_dir=self.data_dir, val_size=self.val_size,
+                   augment=self.augment)
+        TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
+                    lr=self.pretrain_lr, device=self.device)
+        valid = [m for m in list_methods() if METHODS.get(m).quantizes]
+        object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
+        object.__setattr__(self, "bits", tuple(sorted(_check_ints("bits", self.bits,
+                                                                  check_bits))))
+        object.__setattr__(self, "seeds", _check_ints(
+            "seeds", self.seeds, lambda s: check_int("seed", s, 0)))
+        check_int("pretrain_epochs", self.pretrain_epochs, 0)
+        check_float("pretrain_lr", self.pretrain_lr, 0, low_open=True)
+        if self.lr is not None:
+            check_float("lr", self.lr, 0, low_open=True)
+        if not isinstance(self.method_configs, dict):
+            raise ConfigError(f"method_configs must map method names to fields, got "
+                              f"{self.method_configs!r}")
+        for name in self.method_configs:
+            if name not in list_methods():
+                raise ConfigError(f"method_configs: unknown method {name!r}; valid: "
+                                  f"{', '.join(list_methods())}")
+            self.method(name)  # validates the fields now, not after hours of training
+        check_int("tune_trials", self.tune_trials, 0)
+        for name in self.tuned_methods():
+            space = METHODS.get(name).search_space
+            if len(space) < self.tune_trials:
+                raise ConfigError(f"tune_trials={self.tune_trials}: method {name!r} has "
+                                  f"{len(space)} candidates in its search_space; give at most "
+                                  f"{len(space)}, or 0 for no tuning")
+            for choice in self.candidates(name):
+                self.method(name, choice)  # every candidate is a valid config
+
+    def method(self, name: str, choice: dict[str, Any] | None = None) -> Method:
+        """A fresh instance of method `name` with this bench's config for it, and the
+        options of a tuning `choice` over it (its "lr", if any, goes to the training)."""
+        options = {key: value for key, value in (choice or {}).items() if key != "lr"}
+        return create_method(name, {**self.method_configs.get(name, {}), **options})
+
+    def tuned_methods(self) -> list[str]:
+        """The methods this bench tunes: those that train, when tune_trials > 0."""
+        if not self.tune_trials:
+            return []
+        return [name for name in self.methods
+                if not METHODS.get(name).trains_in_full_precision()]
+
+    def candidates(self, name: str) -> list[dict[str, Any]]:
+        """The choices tried for method `name`: one untuned ({}) when it is not tuned."""
+        if name not in self.tuned_methods():
+            return [{}]
+        return [dict(choice) for choice in METHODS.get(name).search_space[:self.tune_trials]]
+
+    def pretraining(self, seed: int) -> TrainConfig:
+        return TrainConfig(model=self.model, epochs=self.pretrain_epochs, optimizer="sgd",
+                           lr=self.pretrain_lr, batch_size=self.batch_size, seed=seed,
+                           device=self.device)
+
+    def method_training(self, method: Method, seed: int, choice: dict[str, Any] | None = None
+                        ) -> TrainConfig:
+        """The recipe `method` trains with: its own (`Method.recipe`), this bench's epochs,
+        batch size and seed, `lr` when given, and the lr of a tuning `choice`."""
+        recipe = {**method.recipe, **({"lr": self.lr} if self.lr is not None else {})}
+        if choice and "lr" in choice:
+            recipe["lr"] = choice["lr"]
+        return TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
+                           seed=seed, device=self.device, **recipe)
+
+    def recipe(self) -> dict[str, Any]:
+        """What every row of one results file must share (checked when resuming)."""
+        keep = ("model", "dataset", "pretrain_epochs", "epochs", "lr", "pretrain_lr",
+                "batch_size", "val_size", "augment")
+        recipe = {k: getattr(self, k) for k in keep}
+        if self.tune_trials:  # absent when 0, so files of untuned benches stay readable
+            recipe["tune_trials"] = self.tune_trials
+        return recipe

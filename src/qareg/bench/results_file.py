@@ -1,0 +1,45 @@
+"""A bench's results file: one JSON line per run, appended as soon as the run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from qareg.errors import ConfigError
+
+RunKey = tuple[str, int, int]  # (method, bits, seed)
+
+
+def read_done(path: Path, recipe: dict[str, Any]) -> dict[RunKey, dict[str, Any]]:
+    """Rows already in the results file, by (method, bits, seed); a file written with
+    another recipe is refused (its rows would not be comparable)."""
+    done: dict[RunKey, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (row["method"], int(row["bits"]), int(row["seed"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"results file {str(path)!r} line {number} is not a bench result; "
+                              "give another --out") from None
+        if row.get("recipe") != recipe:
+            raise ConfigError(f"results file {str(path)!r} holds runs of another recipe "
+                              f"({row.get('recipe')}); this bench is {recipe}: give another "
+                              "--out, or the same settings to resume")
+        done[key] = row
+    return done
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line (creating the folder) and push it to disk before the next run
+    starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,111 @@
+"""qareg bench --tune-trials: equal trials per training method, chosen on validation only."""
+
+import dataclasses
+import json
+import statistics
+
+import pytest
+
+import qareg.bench.runner as runner
+from qareg.bench import Bench, BenchConfig
+from qareg.data import load_dataset
+from qareg.errors import ConfigError
+from qareg.methods import METHODS
+
+TRIALS = 2
+
+
+def tuned_bench(fashion_dir, **overrides) -> BenchConfig:
+    values = dict(model="lenet5", methods=("ptq-kmeans", "qareg", "gradl1"), bits=(1, 2),
+                  seeds=(0, 1), pretrain_epochs=1, epochs=1, batch_size=64, val_size=200,
+                  data_dir=str(fashion_dir), augment=False, tune_trials=TRIALS)
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+class ReadOfTestSplit(Exception):
+    """Raised when anything touches the test split."""
+
+
+class PoisonedSplit:
+    def __getattr__(self, name):
+        raise ReadOfTestSplit(name)
+
+    def __len__(self):
+        raise ReadOfTestSplit("__len__")
+
+
+@pytest.fixture(scope="module")
+def tuned(fashion_dir, tmp_path_factory):
+    """A tuned bench's rows, and every split each evaluate() call read, in order."""
+    out = tmp_path_factory.mktemp("tuned") / "results.jsonl"
+    bench = Bench(tuned_bench(fashion_dir), out, progress=False)
+    reads, evaluate = [], runner.evaluate
+
+    def recording(model, data, splits, device="cpu"):
+        reads.append("test" if data is splits.test else "val" if data is splits.val else "?")
+        return evaluate(model, data, splits, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "evaluate", recording)
+        bench.run()
+    return [json.loads(line) for line in out.read_text().splitlines()], reads
+
+
+def test_every_training_method_gets_the_same_trials_and_the_best_is_kept(tuned):
+    rows, _ = tuned
+    for row in rows:
+        if row["method"] not in ("qareg", "gradl1"):
+            assert row.get("tuning") is None
+            continue
+        tuning = row["tuning"]
+        if row["seed"] == 0:
+            space = [dict(c) for c in METHODS.get(row["method"]).search_space[:TRIALS]]
+            assert [t["choice"] for t in tuning["trials"]] == space
+            means = [statistics.fmean(t["val_accuracy"]) for t in tuning["trials"]]
+            assert tuning["chosen"] == means.index(max(means))
+            assert tuning["choice"] == space[tuning["chosen"]]
+        else:  # later seeds train the choice made on seed 0
+            first = next(r for r in rows if (r["method"], r["bits"], r["seed"])
+                         == (row["method"], row["bits"], 0))
+            assert tuning == {"choice": first["tuning"]["choice"], "seed": 0}
+        for key, value in tuning["choice"].items():  # the row ran with its choice
+            assert (row["train"]["lr"] if key == "lr" else row["config"][key]) == value
+    gradl1 = [r["tuning"]["choice"] for r in rows if r["method"] == "gradl1"]
+    assert len(gradl1) == 4 and all(c == gradl1[0] for c in gradl1)  # one weight set
+
+
+def test_the_test_split_is_read_once_per_row_and_never_to_choose(tuned):
+    rows, reads = tuned
+    assert reads.count("test") == len(rows)
+    assert reads.count("?") == 0
+    # seed 0: qareg tries TRIALS candidates per width, gradl1 TRIALS judged at both widths
+    assert reads.count("val") == TRIALS * 2 + TRIALS * 2
+
+
+def test_tuning_never_touches_the_test_split(fashion_dir, tmp_path):
+    bench = Bench(tuned_bench(fashion_dir, seeds=(0,)), tmp_path / "r.jsonl", progress=False)
+    c = bench.config
+    splits = load_dataset(c.dataset, c.data_dir, val_size=c.val_size)
+    bench.splits = dataclasses.replace(splits, test=PoisonedSplit())
+    trained, record = bench.tune("qareg", 1, 0, [1])
+    assert len(record["trials"]) == TRIALS and trained.choice == record["choice"]
+    trained, record = bench.tune("gradl1", None, 0, [1, 2])
+    assert all(len(t["val_accuracy"]) == 2 for t in record["trials"])
+    with pytest.raises(ReadOfTestSplit):  # the poison works: reporting reads it
+        runner.evaluate(trained.model, bench.splits.test, bench.splits)
+
+
+def test_a_tuning_budget_beyond_a_search_space_is_refused(fashion_dir):
+    smallest = min(len(METHODS.get(m).search_space) for m in ("qareg", "gradl1"))
+    with pytest.raises(ConfigError, match=r"tune_trials=\d+: method '\w+' has \d+ candidates"):
+        tuned_bench(fashion_dir, tune_trials=smallest + 1)
+    with pytest.raises(ConfigError, match="tune_trials"):
+        tuned_bench(fashion_dir, tune_trials=-1)
+
+
+def test_every_method_offers_at_least_four_trials():
+    for name in ("qareg", "qareg-reg", "qareg-ste", "lsq", "dkm", "cpq", "gradl1"):
+        space = METHODS.get(name).search_space
+        assert len(space) >= 4 and space[0] == {}, name
+        assert len({json.dumps(c, sort_keys=True) for c in space}) == len(space), name
