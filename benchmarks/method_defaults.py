@@ -1,7 +1,7 @@
 """The evidence behind the rivals' defaults: LSQ's step-size learning rate, DKM's
 temperature and gradl1's optimizer, measured on Fashion-MNIST's validation split.
 
-Every run starts from the CPU suite's pretrained lenet5 (configs/bench-fashion-mnist-cpu.yaml:
+Every run starts from the CPU suite's pretrained lenet5 (configs/suite-lenet5.yaml:
 4 epochs of SGD, cached beside --out like the bench's), fine-tunes it for the suite's 3
 epochs with the method's recipe and the option varied, converts it at each bit-width and
 measures the validation split (choices are made there; the test split is not read). One

@@ -76,7 +76,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         say(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "
             f"{row['accuracy']:.2f}% (test), {row['file_bytes'] / 1000:.1f} KB "
             f"({row['stored_bits_per_weight']:.2f} stored bits/weight), "
-            f"trained {row['train_seconds'] or 0:.0f} s")
+            f"trained {row['train_seconds'] or 0:.0f} s"
+            + (f", tuned: {row['tuning']['choice'] or 'as configured'}" if row.get("tuning")
+               else ""))
 
     bench.run(on_row=show)
     say(f"results in {args.out} (test accuracies). Next: qareg report {args.out} --out-dir "
