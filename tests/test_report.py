@@ -294,3 +294,29 @@ def test_the_size_plot_draws_each_method_s_frontier_from_rows_with_file_sizes(tm
         assert all(size in (8, 16, 24, 32) for size, _ in points)  # KB, means over seeds
     with pytest.raises(ConfigError, match="rows with file sizes"):
         plot_accuracy_vs_size([r for r in rows if r["method"] == "lsq"], tmp_path / "x.png")
+
+
+def test_paired_differences_pick_the_best_rival_and_give_a_t_interval():
+    from qareg.report import paired_table
+
+    def row(method, bits, seed, accuracy):
+        return {"method": method, "bits": bits, "seed": seed, "accuracy": accuracy,
+                "bits_per_weight": float(bits), "model": "lenet5", "dataset": "fashion-mnist"}
+
+    ours = [80.0, 82.0, 81.0]
+    rows = [row("qareg", 1, s, a) for s, a in enumerate(ours)]
+    rows += [row("lsq", 1, s, a - 1.0 - 0.5 * s) for s, a in enumerate(ours)]  # best rival
+    rows += [row("dkm", 1, s, 50.0) for s in range(3)]
+    rows += [row("qareg-ste", 1, s, a - 2.0) for s, a in enumerate(ours[:2])]  # 2 seeds
+    rows += [row("fp", 32, s, 90.0) for s in range(3)]
+    rows += [row("lsq", 2, 0, 85.0)]  # no qareg at 2 bits: no comparison
+    entries = paired_table(rows)
+    assert [(e["bits"], e["versus"], e["role"]) for e in entries] == [
+        (1, "lsq", "best rival"), (1, "qareg-ste", "part")]
+    rival, part = entries
+    differences = [1.0, 1.5, 2.0]  # paired by seed
+    half = 4.302652729911275 * statistics.stdev(differences) / 3 ** 0.5  # t(0.975, 2 df)
+    assert rival["mean"] == pytest.approx(1.5) and rival["n"] == 3
+    assert (rival["low"], rival["high"]) == pytest.approx((1.5 - half, 1.5 + half))
+    assert part["seeds"] == [0, 1] and part["mean"] == pytest.approx(2.0)
+    assert part["low"] == part["high"] == pytest.approx(2.0)  # no spread: a point interval

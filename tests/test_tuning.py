@@ -49,11 +49,11 @@ def tuned(fashion_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "evaluate", recording)
         bench.run()
-    return [json.loads(line) for line in out.read_text().splitlines()], reads
+    return [json.loads(line) for line in out.read_text().splitlines()], reads, out
 
 
 def test_every_training_method_gets_the_same_trials_and_the_best_is_kept(tuned):
-    rows, _ = tuned
+    rows, _, _ = tuned
     for row in rows:
         if row["method"] not in ("qareg", "gradl1"):
             assert row.get("tuning") is None
@@ -76,7 +76,7 @@ def test_every_training_method_gets_the_same_trials_and_the_best_is_kept(tuned):
 
 
 def test_the_test_split_is_read_once_per_row_and_never_to_choose(tuned):
-    rows, reads = tuned
+    rows, reads, _ = tuned
     assert reads.count("test") == len(rows)
     assert reads.count("?") == 0
     # seed 0: qareg tries TRIALS candidates per width, gradl1 TRIALS judged at both widths
@@ -109,3 +109,21 @@ def test_every_method_offers_at_least_four_trials():
         space = METHODS.get(name).search_space
         assert len(space) >= 4 and space[0] == {}, name
         assert len({json.dumps(c, sort_keys=True) for c in space}) == len(space), name
+
+
+def test_a_bench_can_train_the_choices_another_bench_made(tuned, fashion_dir, tmp_path):
+    rows, _, path = tuned
+    config = tuned_bench(fashion_dir, methods=("qareg",), bits=(2,), seeds=(3,), tune_trials=0,
+                         tuning_from=str(path))
+    written = Bench(config, tmp_path / "r.jsonl", progress=False).run()
+    (row,) = [r for r in written if r["method"] == "qareg"]
+    first = next(r for r in rows if (r["method"], r["bits"], r["seed"]) == ("qareg", 2, 0))
+    assert row["tuning"] == {"choice": first["tuning"]["choice"], "from": str(path)}
+    assert row["recipe"]["tuning_from"] == path.name
+    with pytest.raises(ConfigError, match="no tuned row for lsq at 2 bits"):
+        Bench(tuned_bench(fashion_dir, methods=("lsq",), bits=(2,), tune_trials=0,
+                          tuning_from=str(path)), tmp_path / "s.jsonl")
+    with pytest.raises(ConfigError, match="not both"):
+        tuned_bench(fashion_dir, tuning_from=str(path))
+    with pytest.raises(ConfigError, match="is not a results file"):
+        tuned_bench(fashion_dir, tune_trials=0, tuning_from=str(tmp_path / "none.jsonl"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qareg.config import DataConfig, TrainConfig
@@ -67,6 +68,9 @@ class BenchConfig:
     # trials per training method and bit-width: the first N of its `search_space`, chosen on
     # the validation split of the first seed and kept for the others; 0: no tuning
     tune_trials: int = 0
+    # a tuned bench's results file: train the choices made there (per method and width)
+    # instead of tuning again (for a larger network whose own tuning would not fit)
+    tuning_from: str | None = None
 
     def __post_init__(self) -> None:
         # the fields they share with the data and training configs, checked by them
@@ -93,6 +97,12 @@ class BenchConfig:
                                   f"{', '.join(list_methods())}")
             self.method(name)  # validates the fields now, not after hours of training
         check_int("tune_trials", self.tune_trials, 0)
+        if self.tuning_from is not None:
+            if self.tune_trials:
+                raise ConfigError(f"give tune_trials ({self.tune_trials}) or tuning_from "
+                                  f"({self.tuning_from!r}), not both")
+            if not Path(self.tuning_from).is_file():
+                raise ConfigError(f"tuning_from: {self.tuning_from!r} is not a results file")
         for name in self.tuned_methods():
             space = METHODS.get(name).search_space
             if len(space) < self.tune_trials:
@@ -109,15 +119,16 @@ class BenchConfig:
         return create_method(name, {**self.method_configs.get(name, {}), **options})
 
     def tuned_methods(self) -> list[str]:
-        """The methods this bench tunes: those that train, when tune_trials > 0."""
-        if not self.tune_trials:
+        """The methods this bench tunes (or takes tuned choices for, with `tuning_from`):
+        those that train."""
+        if not self.tune_trials and self.tuning_from is None:
             return []
         return [name for name in self.methods
                 if not METHODS.get(name).trains_in_full_precision()]
 
     def candidates(self, name: str) -> list[dict[str, Any]]:
         """The choices tried for method `name`: one untuned ({}) when it is not tuned."""
-        if name not in self.tuned_methods():
+        if name not in self.tuned_methods() or not self.tune_trials:
             return [{}]
         return [dict(choice) for choice in METHODS.get(name).search_space[:self.tune_trials]]
 
@@ -143,4 +154,6 @@ class BenchConfig:
         recipe = {k: getattr(self, k) for k in keep}
         if self.tune_trials:  # absent when 0, so files of untuned benches stay readable
             recipe["tune_trials"] = self.tune_trials
+        if self.tuning_from is not None:
+            recipe["tuning_from"] = Path(self.tuning_from).name
         return recipe

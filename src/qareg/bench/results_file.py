@@ -43,3 +43,20 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_choices(path: Path, needed: list[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+    """The tuning choice made in results file `path` for each (method, bits) of `needed`
+    (from its rows that record their trials). A pair it lacks is an error, raised now."""
+    choices: dict[tuple[str, int], Any] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        tuning = row.get("tuning") or {}
+        if "trials" in tuning:
+            choices[(row["method"], int(row["bits"]))] = tuning["choice"]
+    missing = [f"{method} at {bits} bits" for method, bits in needed
+               if (method, bits) not in choices]
+    if missing:
+        raise ConfigError(f"tuning_from {str(path)!r} has no tuned row for "
+                          f"{', '.join(missing)}; tune those first or leave them out")
+    return choices

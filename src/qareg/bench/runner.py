@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qareg.bench.config import FP_BITS, BenchConfig, reference_method
-from qareg.bench.results_file import RunKey, append_row, read_done
+from qareg.bench.results_file import RunKey, append_row, read_choices, read_done
 from qareg.checkpoint import read_checkpoint, save_checkpoint
 from qareg.compress import save_compressed
 from qareg.config import as_dict
@@ -88,6 +88,10 @@ class Bench:
         self.progress = progress
         self.done = read_done(self.out, config.recipe())
         self.splits: DatasetSplits | None = None
+        self.borrowed = None  # (method, bits) -> choice, from config.tuning_from
+        if config.tuning_from is not None:
+            self.borrowed = read_choices(Path(config.tuning_from), [
+                (name, bits) for name in config.tuned_methods() for bits in config.bits])
 
     def planned(self) -> list[RunKey]:
         """Every run of the bench, in the order it is run (the reference first per seed)."""
@@ -199,11 +203,16 @@ class Bench:
         """The network `name` trains (at `bits`; None: once for every width) and the record
         of how its options were chosen. On the first seed every candidate of the method's
         search space is trained and the best mean validation accuracy over `judged_at` wins
-        (the earlier candidate on a tie); later seeds train the choice made there. Never
-        reads the test split. Methods not tuned train as configured (record None)."""
+        (the earlier candidate on a tie); later seeds train the choice made there. With
+        `tuning_from`, every seed trains the choice made in that file. Never reads the test
+        split. Methods not tuned train as configured (record None)."""
         first = self.config.seeds[0]
         if name not in self.config.tuned_methods():
             return self._train_choice(name, {}, bits, seed), None
+        if self.borrowed is not None:
+            choice = self.borrowed[(name, judged_at[0])]
+            return self._train_choice(name, choice, bits, seed), {
+                "choice": choice, "from": self.config.tuning_from}
         if seed != first:
             tuned = self.done.get((name, judged_at[0], first))
             if tuned is None or not tuned.get("tuning"):

@@ -87,12 +87,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from qareg.report import load_results, markdown_table, summary, write_report
+    from qareg.report import (
+        load_results,
+        markdown_table,
+        paired_markdown,
+        paired_table,
+        summary,
+        write_report,
+    )
 
     rows = load_results(args.results)  # fails on bad input before anything is written
     if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise ConfigError(f"--out-dir {args.out_dir!r} is a file; give a folder")
     say(markdown_table(summary(rows)))
+    paired = paired_table(rows)
+    if paired:
+        say("qareg minus the other method, paired by seed (test accuracy points, 95% interval):")
+        say(paired_markdown(paired))
     if args.out_dir is None:
         say("accuracies are test accuracies (nothing written; --out-dir DIR writes report.md "
             "and the plots)")

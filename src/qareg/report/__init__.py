@@ -11,14 +11,15 @@ from typing import Any
 
 from qareg.errors import ConfigError
 from qareg.report.histograms import histogram_record
+from qareg.report.paired import paired_markdown, paired_table
 from qareg.report.plots import plot_accuracy_vs_bits, plot_accuracy_vs_size, plot_histograms
 from qareg.report.results import load_results, method_order, pareto_frontier, setting, summary
 from qareg.report.tables import markdown_table
 from qareg.version import __version__
 
-__all__ = ["histogram_record", "load_results", "markdown_table", "pareto_frontier",
-           "plot_accuracy_vs_bits", "plot_accuracy_vs_size", "plot_histograms", "summary",
-           "write_report"]
+__all__ = ["histogram_record", "load_results", "markdown_table", "paired_markdown",
+           "paired_table", "pareto_frontier", "plot_accuracy_vs_bits", "plot_accuracy_vs_size",
+           "plot_histograms", "summary", "write_report"]
 
 
 def _slug(*parts: Any) -> str:
@@ -71,6 +72,12 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> list[Path]
                  "", f"![accuracy vs bits per weight]({name})", ""]
         if plots[-1].name == size_name:
             text += [f"![accuracy vs stored bytes]({size_name})", ""]
+        paired = paired_table(setting_rows)
+        if paired:
+            text += ["### qareg against the best rival and its own parts, paired by seed", "",
+                     "Test accuracy of qareg minus the other method's on the same seeds; the "
+                     "best rival is the other method with the highest mean at that width.", "",
+                     paired_markdown(paired).rstrip("\n"), ""]
         chosen = _histogram_rows(setting_rows)
         if chosen:
             text += ["### Weight histograms (before and after training)", ""]
