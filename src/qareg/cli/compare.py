@@ -128,6 +128,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         text = json.dumps(result, indent=2).encode() + b"\n"
         atomic_write(args.out, lambda f: f.write(text))
         where = f"wrote {args.out}"
-    say(f"test accuracies on Fashion-MNIST's test split, after {result['seconds']:.0f} s; "
+    say(f"test accuracies on Fashion-MNIST's test split; wall time {result['seconds']:.0f} s; "
         f"{where}. Next: qareg train --help, or the README's command-line walk-through")
     return 0
