@@ -18,9 +18,9 @@ end snaps every weight to its nearest centroid. Choices:
   for the run (a buffer, so it is saved with the model). A weight sitting on a centroid
   then gives its neighbour a share of about exp(-1 / tau) in every layer and at every k;
   coremltools uses an absolute T (1e-4), which suits only weights of one scale.
-- Default tau = 0.1: on Fashion-MNIST validation the best of 0.05, 0.1 and 0.3 at 1 bit,
-  0.46 points behind 0.05 at 2 bits; 0.3 lost 21 points at 2 bits (BENCHMARKS.md,
-  "Defaults of the rival methods").
+- Default tau = 0.1, chosen on Fashion-MNIST validation (the evidence: BENCHMARKS.md,
+  "Defaults of the rival methods"); a tuned bench also tries 0.03, 0.3 and 1 at each width,
+  since the best temperature depends on k.
 - At most as many centroids as the tensor has weights.
 """
 
