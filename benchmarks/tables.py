@@ -1,0 +1,190 @@
+"""Every table of BENCHMARKS.md that `qareg report` does not draw, rebuilt from result files
+only (markdown on stdout). One subcommand per kind of file:
+
+    python benchmarks/tables.py demo benchmarks/results/demo.json
+    python benchmarks/tables.py tuning benchmarks/results/suite-lenet5.jsonl
+    python benchmarks/tables.py sizes benchmarks/results/suite-lenet5.jsonl --seed 0
+    python benchmarks/tables.py variants benchmarks/results/variants-cnn4.jsonl
+    python benchmarks/tables.py assignment benchmarks/results/assignment-cnn4.jsonl
+    python benchmarks/tables.py defaults benchmarks/results/method-defaults-lenet5.jsonl
+    python benchmarks/tables.py storage benchmarks/results/storage-vgg16.jsonl
+    python benchmarks/tables.py kmeans1d benchmarks/results/kmeans1d-vgg16.jsonl
+    python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl
+
+The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
+DIR`; two bench files side by side from `benchmarks/compare_results.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from summarize_variants import table as variants_table
+
+Rows = list[dict[str, Any]]
+
+
+def read_rows(path: Path) -> Rows:
+    text = path.read_text()
+    if path.suffix == ".json":
+        return [json.loads(text)]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def short(commit: str) -> str:
+    return commit.removesuffix("+dirty")[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def demo(rows: Rows, args: argparse.Namespace) -> str:
+    (result,) = rows
+    fp = result["full_precision"]
+    lines = [f"commit {short(result['git_commit'])}, wall time {result['seconds']:.0f} s, "
+             f"config {result['config']}", "",
+             "| method | k | bits/weight | test acc % | drop | file KB | ratio |",
+             "|---|--:|--:|--:|--:|--:|--:|",
+             f"| full precision | - | 32 | {fp['accuracy']:.2f} | | "
+             f"{fp['file_bytes'] / 1e3:.1f} | 1.00 |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['k']} | {r['bits_per_weight']:.2f} "
+                     f"| {r['accuracy']:.2f} | {r['drop']:.2f} | {r['file_bytes'] / 1e3:.1f} "
+                     f"| {r['compression_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def tuning(rows: Rows, args: argparse.Namespace) -> str:
+    """Each tuned (method, bits): the validation accuracy of every trial, the choice."""
+    tuned = sorted((r for r in rows if (r.get("tuning") or {}).get("trials")),
+                   key=lambda r: (r["method"], r["bits"]))
+    if not tuned:
+        return "no tuned rows"
+    width = max(len(r["tuning"]["trials"]) for r in tuned)
+    lines = ["| method | bits | " + " | ".join(f"trial {i + 1}" for i in range(width))
+             + " | chosen |", "|:--|--:|" + "--:|" * width + ":--|"]
+    for r in tuned:
+        trials = r["tuning"]["trials"]
+        cells = []
+        for i, t in enumerate(trials):
+            value = f"{statistics.fmean(t['val_accuracy']):.2f}"
+            cells.append(f"**{value}**" if i == r["tuning"]["chosen"] else value)
+        lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(cells)
+                     + f" | {r['tuning']['choice'] or 'as configured'} |")
+    spaces = {r["method"]: [json.dumps(t["choice"]) for t in r["tuning"]["trials"]]
+              for r in tuned}
+    lines += ["", "Trials in order: " + "; ".join(f"{m}: {', '.join(c)}"
+                                                  for m, c in sorted(spaces.items()))]
+    return "\n".join(lines)
+
+
+def sizes(rows: Rows, args: argparse.Namespace) -> str:
+    """The stored file split into its parts, per method and bits, for one seed."""
+    chosen = sorted((r for r in rows if r["seed"] == args.seed and "index_bytes" in r),
+                    key=lambda r: (r["bits"], r["method"]))
+    lines = ["| method | bits | file bytes | index | codebooks | raw | header | header share "
+             "| stored bits/weight |", "|:--|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in chosen:
+        lines.append(f"| {r['method']} | {r['bits']} | {r['file_bytes']:,} | "
+                     f"{r['index_bytes']:,} | {r['codebook_bytes']:,} | {r['raw_bytes']:,} | "
+                     f"{r['header_bytes']:,} | {100 * r['header_bytes'] / r['file_bytes']:.1f}% "
+                     f"| {r['stored_bits_per_weight']:.3f} |")
+    return "\n".join(lines)
+
+
+def variants(rows: Rows, args: argparse.Namespace) -> str:
+    return variants_table(rows)
+
+
+def assignment(rows: Rows, args: argparse.Namespace) -> str:
+    fp = next(r for r in rows if r["variant"] == "full-precision")
+    lines = ["| fine-tuning | val | drop |", "|---|--:|--:|",
+             f"| full precision | {fp['val']:.2f} | |"]
+    lines += [f"| {r['variant']} | {r['val']:.2f} | {fp['val'] - r['val']:.2f} |"
+              for r in rows if r is not fp]
+    return "\n".join(lines)
+
+
+def defaults(rows: Rows, args: argparse.Namespace) -> str:
+    """Validation accuracy per method, option and bits (the rival methods' defaults)."""
+    table: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        option = json.dumps({**r["options"], **r["recipe"]}) if r["options"] or r["recipe"] \
+            else "{} (defaults)"
+        table[(r["method"], option)][r["bits"]] = r["val_accuracy"]
+    widths = sorted({r["bits"] for r in rows})
+    lines = ["| method | option | " + " | ".join(f"{b} bits" for b in widths) + " |",
+             "|---|---|" + "--:|" * len(widths)]
+    for (method, option), values in table.items():
+        cells = [f"{values[b]:.2f}" if b in values else "" for b in widths]
+        lines.append(f"| {method} | {option} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def storage(rows: Rows, args: argparse.Namespace) -> str:
+    lines = ["| k | weights | coding | file bytes | ideal bytes | file / ideal | index / entropy "
+             "| ratio vs float32 | save s | load s |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        coding = "range where smaller" if r["entropy_coding"] else "bit-packed"
+        lines.append(f"| {r['k']} | {r['weights_from']} | {coding} | {r['file_bytes']:,} | "
+                     f"{r['ideal_bytes']:,} | {r['file_over_ideal']:.4f} | "
+                     f"{r['index_over_entropy']:.4f} | {r['compression_ratio']:.2f}x | "
+                     f"{r['save_seconds']:.2f} | {r['load_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def kmeans1d(rows: Rows, args: argparse.Namespace) -> str:
+    lines = ["| run | commit | kmeans1d s | scikit-learn s | speed-up | Lloyd s | SSE kmeans1d "
+             "| SSE Lloyd | SSE scikit-learn |", "|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | {short(r['git_commit'])} | {r['kmeans1d_seconds']:.3f} | "
+                     f"{r['sklearn_seconds']:.2f} | {r['speedup_vs_sklearn']:.1f}x | "
+                     f"{r['lloyd_seconds']:.2f} | {r['kmeans1d_sse']:.5f} | "
+                     f"{r['lloyd_sse']:.5f} | {r['sklearn_sse']:.5f} |")
+    return "\n".join(lines)
+
+
+def cost(rows: Rows, args: argparse.Namespace) -> str:
+    """One table per run of regularizer_cost.py (rows of one commit, round count and set of
+    configurations, in file order)."""
+    runs: dict[tuple, Rows] = {}
+    for r in rows:
+        key = (r["git_commit"], r["rounds"], tuple(r["interleaved"]),
+               r.get("numba_threading_layer"))
+        runs.setdefault(key, []).append(r)
+    out = []
+    for (commit, rounds, _, layer), group in runs.items():
+        out += [f"commit {short(commit)}, {rounds} rounds, {group[0]['machine']}, "
+                f"{group[0]['threads']} threads" + (f", numba layer {layer}" if layer else ""),
+                "", "| configuration | step s (median) | time / plain | CPU time / plain "
+                "| peak MiB | memory / plain |", "|---|--:|--:|--:|--:|--:|"]
+        for r in group:
+            cpu = r.get("cpu_time_ratio")
+            out.append(f"| {r['config']} | {r['step_seconds_median']:.3f} | "
+                       f"{r['time_ratio']:.3f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
+                       f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
+    "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
+    "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
+    "cost": cost,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("results", type=Path, help="the result file the table is built from")
+    parser.add_argument("--seed", type=int, default=0, help="sizes: the seed shown")
+    args = parser.parse_args()
+    print(TABLES[args.table](read_rows(args.results), args))
+
+
+if __name__ == "__main__":
+    main()
