@@ -9,7 +9,7 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py defaults benchmarks/results/method-defaults-lenet5.jsonl
     python benchmarks/tables.py storage benchmarks/results/storage-vgg16.jsonl
     python benchmarks/tables.py kmeans1d benchmarks/results/kmeans1d-vgg16.jsonl
-    python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl
+    python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl --last 3
 
 The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
 DIR`; two bench files side by side from `benchmarks/compare_results.py`.
@@ -156,7 +156,7 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
                r.get("numba_threading_layer"))
         runs.setdefault(key, []).append(r)
     out = []
-    for (commit, rounds, _, layer), group in runs.items():
+    for (commit, rounds, _, layer), group in list(runs.items())[-args.last:]:
         out += [f"commit {short(commit)}, {rounds} rounds, {group[0]['machine']}, "
                 f"{group[0]['threads']} threads" + (f", numba layer {layer}" if layer else ""),
                 "", "| configuration | step s (median) | time / plain | CPU time / plain "
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("table", choices=sorted(TABLES))
     parser.add_argument("results", type=Path, help="the result file the table is built from")
     parser.add_argument("--seed", type=int, default=0, help="sizes: the seed shown")
+    parser.add_argument("--last", type=int, default=1000, help="cost: only the last N runs")
     args = parser.parse_args()
     print(TABLES[args.table](read_rows(args.results), args))
 
