@@ -10,6 +10,7 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py storage benchmarks/results/storage-vgg16.jsonl
     python benchmarks/tables.py kmeans1d benchmarks/results/kmeans1d-vgg16.jsonl
     python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl --last 3
+    python benchmarks/tables.py deploy benchmarks/results/deploy-lenet5-cnn4-vgg16.jsonl
 
 The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
 DIR`; two bench files side by side from `benchmarks/compare_results.py`.
@@ -170,10 +171,24 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
     return "\n".join(out).rstrip()
 
 
+def deploy(rows: Rows, args: argparse.Namespace) -> str:
+    """Sizes and forward latency of the deployment paths, per model and k."""
+    lines = ["| model | k | .qz KB | ONNX KB | float32 ONNX KB | dense ms | packed ms "
+             "| ONNX Runtime ms | ONNX - PyTorch (max abs) |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['k']} | {r['qz_bytes'] / 1e3:.1f} | "
+                     f"{r['onnx_bytes'] / 1e3:.1f} | {r['float32_onnx_bytes'] / 1e3:.1f} | "
+                     f"{r['dense_seconds'] * 1e3:.2f} | {r['packed_seconds'] * 1e3:.2f} | "
+                     f"{r['onnxruntime_seconds'] * 1e3:.2f} | "
+                     f"{r['onnx_max_abs_difference']:.1e} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
     "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
-    "cost": cost,
+    "cost": cost, "deploy": deploy,
 }
 
 

@@ -73,6 +73,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "wherever it is smaller)")
     p.set_defaults(run=cmd_compress)
 
+    p = sub.add_parser("export", help="write a compressed file as ONNX, each quantized weight "
+                       "a codebook plus packed indices")
+    p.add_argument("file", help="a compressed file (.qz)")
+    p.add_argument("--onnx", required=True, help="ONNX file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --onnx if it exists")
+    p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input channels, height, width (default: what the file records)")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("inspect", help="size accounting of a compressed file")
     p.add_argument("file")
     p.set_defaults(run=cmd_inspect)
@@ -178,4 +187,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     say(info.format_table())
     say(f"{args.file}: {info.file_bytes} bytes, checked (nothing written). Next: qareg "
         f"evaluate {args.file}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qareg.onnx_export import export_onnx
+
+    check_output(args.onnx, "--onnx")
+    check_not_input(args.onnx, "--onnx", args.file)
+    check_new_file(args.onnx, "--onnx", args.overwrite)
+    sizes = export_onnx(args.file, args.onnx,
+                        input_shape=tuple(args.input_shape) if args.input_shape else None)
+    say(f"{args.file}: {sizes.compressed_bytes} bytes (qareg compressed file)")
+    say(f"{args.onnx}: {sizes.onnx_bytes} bytes (ONNX, codebooks and packed indices)")
+    say(f"the same network as float32 ONNX: {sizes.float32_onnx_bytes} bytes "
+        f"({sizes.float32_onnx_bytes / sizes.onnx_bytes:.1f}x larger; not written)")
+    say(f"wrote {args.onnx}, input 'images' (batch, C, H, W), output 'logits'. Next: run it "
+        "with ONNX Runtime, or any ONNX runtime")
     return 0

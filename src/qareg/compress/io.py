@@ -28,6 +28,7 @@ from qareg.compress.container import CompressedFileError, fail, pack, unpack
 from qareg.compress.entropy import empirical_entropy_bytes, range_decode, range_encode
 from qareg.compress.info import CompressedInfo, FileContents
 from qareg.compress.legacy import read_format1
+from qareg.compress.packed import PackedWeight, attach_packed
 from qareg.constants import CODEBOOK_SUFFIX
 from qareg.errors import ConfigError
 from qareg.filetypes import describe, sniff
@@ -209,7 +210,7 @@ def _check_entries(path: Path, contents: FileContents) -> None:
                        f"dtype {codebook.dtype}; expected ({k},) float32 or float16")
 
 
-def _read(path: str | Path) -> tuple[FileContents, int]:
+def read_contents(path: str | Path) -> tuple[FileContents, int]:
     path = Path(path)
     kind = sniff(path)
     if kind == "checkpoint":
@@ -239,11 +240,11 @@ def is_compressed_file(path: str | Path) -> bool:
 
 def inspect_compressed(path: str | Path) -> CompressedInfo:
     """Size accounting of a compressed file (fully checked, nothing decoded)."""
-    contents, size = _read(path)
+    contents, size = read_contents(path)
     return contents.info(size)
 
 
-def _decode_indices(path: Path, entry: dict[str, Any], stream: torch.Tensor) -> torch.Tensor:
+def decode_indices(path: Path, entry: dict[str, Any], stream: torch.Tensor) -> torch.Tensor:
     count = math.prod(entry["shape"])
     try:
         if entry["coding"] == "packed":
@@ -258,15 +259,17 @@ def _decode_indices(path: Path, entry: dict[str, Any], stream: torch.Tensor) -> 
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:
+                    device: str | torch.device = "cpu", packed: bool = False) -> nn.Module:
     """The network stored at `path`, on `device`, with every quantized weight decoded once to
-    `codebook[indices]` (dense, so inference costs what it always did).
+    `codebook[indices]` (dense, so inference costs what it always did); with `packed`, kept
+    as the file stores it and decoded layer by layer in each forward pass
+    (`qareg.compress.packed`: memory near the file's size, outputs bit-identical).
 
     The model is rebuilt from the registry by the name and arguments the file records; give
     `model` to load into a module of your own (a model outside the registry) instead.
     """
     path = Path(path)
-    contents, _ = _read(path)
+    contents, _ = read_contents(path)
     if model is None:
         if contents.model is None:
             raise fail(path, "the file records no registry model: pass model=<your module>")
@@ -288,8 +291,12 @@ def load_compressed(path: str | Path, model: nn.Module | None = None,
                        f"{tuple(expected[key].shape)}")
     state = dict(contents.raw)
     for entry in contents.entries:
-        indices = _decode_indices(path, entry, contents.streams[entry["name"]])
+        indices = decode_indices(path, entry, contents.streams[entry["name"]])
         codebook = contents.codebooks[entry["name"]]
-        state[entry["name"]] = codebook.to(WEIGHT_DTYPES[entry["dtype"]])[indices]
+        if packed:  # checked by decoding once above; kept as stored
+            attach_packed(model, entry["name"], PackedWeight(
+                contents.streams[entry["name"]], codebook, entry, WEIGHT_DTYPES[entry["dtype"]]))
+        else:
+            state[entry["name"]] = codebook.to(WEIGHT_DTYPES[entry["dtype"]])[indices]
     model.load_state_dict(state, strict=False)
     return model.to(device)
