@@ -126,13 +126,15 @@ def prepare(
     k_per_tensor: Mapping[str, int] | None = None,
     init: str = "kmeans-exact",
     seed: int = 0,
+    zero: bool = False,
 ) -> nn.Module:
     """Attach a learnable codebook of `k` representatives to each chosen tensor; returns `model`.
 
     Tensors are chosen by `select_tensors` (Conv and Linear weights by default);
     `k_per_tensor` maps glob patterns to k for some tensors (first match wins); `init` is one
     of "linear", "quantile", "kmeans++", "kmeans-exact" (the exact optimum, `kmeans1d`; the
-    default) or "kmeans-lloyd" (Lloyd's local search from quantiles).
+    default) or "kmeans-lloyd" (Lloyd's local search from quantiles). With `zero`, every
+    codebook keeps one representative at exactly 0 (`Codebook`).
     """
     _check_k(k, "")
     k_per_tensor = dict(k_per_tensor or {})
@@ -156,7 +158,7 @@ def prepare(
         plan.append((module, attribute, param, tensor_k))
     generator = torch.Generator().manual_seed(seed)
     for module, attribute, param, tensor_k in plan:  # validated first: all or nothing
-        codebook = Codebook.fit(param, tensor_k, init, generator)
+        codebook = Codebook.fit(param, tensor_k, init, generator, zero=zero)
         module.add_module(attribute + CODEBOOK_SUFFIX, codebook)
     return model
 
@@ -241,6 +243,12 @@ class TensorReport:
     distinct: int  # distinct values after snapping (<= k)
     mse: float  # mean squared change of the entries
     relative_mse: float  # mse over the mean square of the entries before snapping
+    zeros: int = 0  # entries exactly 0 after snapping (a representative pinned at 0)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the entries that are exactly 0 after snapping."""
+        return self.zeros / max(1, self.numel)
 
     @property
     def numel(self) -> int:
@@ -263,17 +271,24 @@ class ConversionReport:
         """Index bits per quantized weight, averaged over all quantized weights."""
         return sum(t.bits * t.numel for t in self.tensors) / self.quantized_weights
 
+    @property
+    def sparsity(self) -> float:
+        """Fraction of all quantized weights that are exactly 0 after snapping."""
+        return sum(t.zeros for t in self.tensors) / max(1, self.quantized_weights)
+
     def format_table(self) -> str:
-        header = f"{'tensor':<32} {'shape':<18} {'k':>6} {'bits':>4} {'distinct':>8} {'rel.mse':>9}"
+        header = (f"{'tensor':<32} {'shape':<18} {'k':>6} {'bits':>4} {'distinct':>8} "
+                  f"{'rel.mse':>9} {'zeros':>6}")
         lines = [header, "-" * len(header)]
         for t in self.tensors:
             shape = "x".join(map(str, t.shape))
             lines.append(
                 f"{t.name:<32} {shape:<18} {t.k:>6} {t.bits:>4} {t.distinct:>8} "
-                f"{t.relative_mse:>9.2e}"
+                f"{t.relative_mse:>9.2e} {t.sparsity:>6.1%}"
             )
         lines.append(
-            f"{self.quantized_weights} weights quantized, {self.bits_per_weight:.2f} bits/weight"
+            f"{self.quantized_weights} weights quantized, {self.bits_per_weight:.2f} bits/weight, "
+            f"{self.sparsity:.1%} zeros"
             + (f", batch norm re-estimated on {self.batchnorm_batches} batches"
                if self.batchnorm_batches else "")
         )
@@ -308,6 +323,7 @@ def convert(
             distinct=distinct,
             mse=mse,
             relative_mse=mse / mean_square if mean_square > 0 else 0.0,
+            zeros=int((snapped == 0).sum()),
         ))
     used = 0
     if bn_batches is not None:

@@ -318,6 +318,7 @@ class Bench:
             compression_ratio=stored.compression_ratio,
             quantize_seconds=quantize_seconds,
             distinct_values=max(t.distinct for t in report.tensors),
+            sparsity=report.sparsity,
             histograms=histogram_record(before, after, grids),
             tuning=tuning,
         )

@@ -33,6 +33,7 @@ from qareg.quantize import (
 from qareg.straight_through import straight_through
 from qareg.validate import (
     check_bits,
+    check_bool,
     check_choice,
     check_float,
     check_init,
@@ -68,6 +69,7 @@ class QaregConfig:
     include: tuple[str, ...] = ()  # glob patterns of tensors; empty: Conv and Linear weights
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
     layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
+    zero: bool = False  # one representative per codebook pinned at exactly 0 (prunes)
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -85,6 +87,7 @@ class QaregConfig:
         check_float("lam_start", self.lam_start, 0, 1, low_open=True)
         check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
         check_float("snapped_fraction", self.snapped_fraction, 0, 1)
+        check_bool("zero", self.zero)
         if self.snapped_lam is not None:
             check_float("snapped_lam", self.snapped_lam, 0)
         object.__setattr__(self, "include", check_patterns("include", self.include))
@@ -163,7 +166,9 @@ class QaregMethod(Method):
                               f"k={k} does not match")
         if not existing:
             prepare(model, k, include=c.include or None, exclude=c.exclude, init=c.init,
-                    seed=seed)
+                    seed=seed, zero=c.zero)
+        for t in quantized_tensors(model):  # fine-tuning a qareg network: this config decides
+            t.codebook.zero = c.zero
         check_patterns_match(c.layer_weights, [t.name for t in quantized_tensors(model)],
                              "layer_weights pattern")
 
