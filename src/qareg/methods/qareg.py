@@ -30,6 +30,7 @@ from qareg.quantize import (
     quantized_tensors,
     require_codebooks,
 )
+from qareg.rate import model_rate_bits
 from qareg.straight_through import straight_through
 from qareg.validate import (
     check_bits,
@@ -70,6 +71,10 @@ class QaregConfig:
     exclude: tuple[str, ...] = ()  # glob patterns of tensors left in full precision
     layer_weights: dict[str, float] = field(default_factory=dict)  # pattern -> term weight
     zero: bool = False  # one representative per codebook pinned at exactly 0 (prunes)
+    # weight of the rate term: loss = task + lambda(t) * (penalty + rate * estimated index
+    # bits per weight, qareg.rate); 0: off. rate_temperature: its softness (scale squared)
+    rate: float = 0.0
+    rate_temperature: float = 0.05
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -88,6 +93,8 @@ class QaregConfig:
         check_float("codebook_lr_scale", self.codebook_lr_scale, 0)
         check_float("snapped_fraction", self.snapped_fraction, 0, 1)
         check_bool("zero", self.zero)
+        check_float("rate", self.rate, 0)
+        check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
         if self.snapped_lam is not None:
             check_float("snapped_lam", self.snapped_lam, 0)
         object.__setattr__(self, "include", check_patterns("include", self.include))
@@ -188,8 +195,11 @@ class QaregMethod(Method):
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
         c = self.config
-        return penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
+        term = penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
                        layer_weights=c.layer_weights)
+        if c.rate > 0:
+            term = term + c.rate * model_rate_bits(quantized_tensors(model), c.rate_temperature)
+        return term
 
     def finalize(self, model: nn.Module, bits: int | None, calibration: Calibration = None
                  ) -> Grids:
