@@ -68,7 +68,8 @@ def test_every_training_method_gets_the_same_trials_and_the_best_is_kept(tuned):
         else:  # later seeds train the choice made on seed 0
             first = next(r for r in rows if (r["method"], r["bits"], r["seed"])
                          == (row["method"], row["bits"], 0))
-            assert tuning == {"choice": first["tuning"]["choice"], "seed": 0}
+            assert tuning == {"choice": first["tuning"]["choice"], "seed": 0,
+                              "bits": row["bits"] if row["method"] == "qareg" else 1}
         for key, value in tuning["choice"].items():  # the row ran with its choice
             assert (row["train"]["lr"] if key == "lr" else row["config"][key]) == value
     gradl1 = [r["tuning"]["choice"] for r in rows if r["method"] == "gradl1"]
@@ -127,3 +128,14 @@ def test_a_bench_can_train_the_choices_another_bench_made(tuned, fashion_dir, tm
         tuned_bench(fashion_dir, tuning_from=str(path))
     with pytest.raises(ConfigError, match="is not a results file"):
         tuned_bench(fashion_dir, tune_trials=0, tuning_from=str(tmp_path / "none.jsonl"))
+
+
+def test_tuned_at_one_width_every_width_trains_that_choice(fashion_dir, tmp_path):
+    config = tuned_bench(fashion_dir, methods=("qareg",), seeds=(0,), tune_bits=2)
+    rows = {r["bits"]: r for r in Bench(config, tmp_path / "r.jsonl", progress=False).run()
+            if r["method"] == "qareg"}
+    assert len(rows[2]["tuning"]["trials"]) == TRIALS
+    assert rows[1]["tuning"] == {"choice": rows[2]["tuning"]["choice"], "seed": 0, "bits": 2}
+    assert rows[1]["recipe"]["tune_bits"] == 2
+    with pytest.raises(ConfigError, match="tune_bits 3 must be one of"):
+        tuned_bench(fashion_dir, tune_bits=3)

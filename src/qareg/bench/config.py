@@ -68,6 +68,9 @@ class BenchConfig:
     # trials per training method and bit-width: the first N of its `search_space`, chosen on
     # the validation split of the first seed and kept for the others; 0: no tuning
     tune_trials: int = 0
+    # the width at which each method is tuned, its choice then trained at every width;
+    # None: every width tuned on its own
+    tune_bits: int | None = None
     # a tuned bench's results file: train the choices made there (per method and width)
     # instead of tuning again (for a larger network whose own tuning would not fit)
     tuning_from: str | None = None
@@ -97,6 +100,9 @@ class BenchConfig:
                                   f"{', '.join(list_methods())}")
             self.method(name)  # validates the fields now, not after hours of training
         check_int("tune_trials", self.tune_trials, 0)
+        if self.tune_bits is not None and self.tune_bits not in self.bits:
+            raise ConfigError(f"tune_bits {self.tune_bits!r} must be one of the bench's bits "
+                              f"{list(self.bits)}")
         if self.tuning_from is not None:
             if self.tune_trials:
                 raise ConfigError(f"give tune_trials ({self.tune_trials}) or tuning_from "
@@ -154,6 +160,8 @@ class BenchConfig:
         recipe = {k: getattr(self, k) for k in keep}
         if self.tune_trials:  # absent when 0, so files of untuned benches stay readable
             recipe["tune_trials"] = self.tune_trials
+        if self.tune_bits is not None:
+            recipe["tune_bits"] = self.tune_bits
         if self.tuning_from is not None:
             recipe["tuning_from"] = Path(self.tuning_from).name
         return recipe

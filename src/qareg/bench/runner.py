@@ -204,23 +204,27 @@ class Bench:
         of how its options were chosen. On the first seed every candidate of the method's
         search space is trained and the best mean validation accuracy over `judged_at` wins
         (the earlier candidate on a tie); later seeds train the choice made there. With
+        `tune_bits`, each method is tuned at that width only and every other width trains
+        its choice. With
         `tuning_from`, every seed trains the choice made in that file. Never reads the test
         split. Methods not tuned train as configured (record None)."""
-        first = self.config.seeds[0]
+        first, tune_bits = self.config.seeds[0], self.config.tune_bits
         if name not in self.config.tuned_methods():
             return self._train_choice(name, {}, bits, seed), None
+        if tune_bits is not None:
+            judged_at = [tune_bits]
         if self.borrowed is not None:
             choice = self.borrowed[(name, judged_at[0])]
             return self._train_choice(name, choice, bits, seed), {
                 "choice": choice, "from": self.config.tuning_from}
-        if seed != first:
+        if seed != first or (bits is not None and bits != judged_at[0]):
             tuned = self.done.get((name, judged_at[0], first))
             if tuned is None or not tuned.get("tuning"):
                 raise ConfigError(f"{name} at {judged_at[0]} bits: no tuned row of seed {first} "
                                   f"in {str(self.out)!r} to take the choice from")
             choice = tuned["tuning"]["choice"]
-            return self._train_choice(name, choice, bits, seed), {"choice": choice,
-                                                                  "seed": first}
+            return self._train_choice(name, choice, bits, seed), {
+                "choice": choice, "seed": first, "bits": judged_at[0]}
         best, best_score, trials = None, -1.0, []
         for choice in self.config.candidates(name):
             trained = self._train_choice(name, choice, bits, seed)
@@ -248,7 +252,8 @@ class Bench:
                 return
         elif cls.post_training:  # one training, converted at every width
             trained, tuning = self.tune(name, None, seed, list(bits_list))
-        for bits in bits_list:
+        tune_bits = self.config.tune_bits
+        for bits in sorted(bits_list, key=lambda b: b != tune_bits):  # the tuned width first
             if not cls.post_training:  # one training per width
                 trained, tuning = self.tune(name, bits, seed, [bits])
             after = latent_weights(trained.model, names)
