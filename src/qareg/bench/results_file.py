@@ -47,12 +47,13 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 def read_choices(path: Path, needed: list[tuple[str, int]]) -> dict[tuple[str, int], Any]:
     """The tuning choice made in results file `path` for each (method, bits) of `needed`
-    (from its rows that record their trials). A pair it lacks is an error, raised now."""
+    (from its rows that record one: tuned there, or trained with a choice made at another
+    width). A pair it lacks is an error, raised now."""
     choices: dict[tuple[str, int], Any] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         tuning = row.get("tuning") or {}
-        if "trials" in tuning:
+        if "choice" in tuning and "from" not in tuning:
             choices[(row["method"], int(row["bits"]))] = tuning["choice"]
     missing = [f"{method} at {bits} bits" for method, bits in needed
                if (method, bits) not in choices]
