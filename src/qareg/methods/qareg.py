@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from qareg.budget import meet_budget
 from qareg.constants import MAX_K, PENALTY_VARIANTS
 from qareg.errors import ConfigError
 from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
@@ -75,6 +76,10 @@ class QaregConfig:
     # bits per weight, qareg.rate); 0: off. rate_temperature: its softness (scale squared)
     rate: float = 0.0
     rate_temperature: float = 0.05
+    # stored bits per quantized weight the final file may take (indices entropy coded plus
+    # codebooks; fractional allowed, e.g. 0.75): met after training by entropy-constrained
+    # assignment (qareg.budget). Training starts from k = 2**ceil(budget) (at least 2).
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -95,6 +100,8 @@ class QaregConfig:
         check_bool("zero", self.zero)
         check_float("rate", self.rate, 0)
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
+        if self.budget is not None:
+            check_float("budget", self.budget, 0, low_open=True)
         if self.snapped_lam is not None:
             check_float("snapped_lam", self.snapped_lam, 0)
         object.__setattr__(self, "include", check_patterns("include", self.include))
@@ -158,8 +165,12 @@ class QaregMethod(Method):
         return {**super().options(), "k": self.codebook_size(self.bits)}
 
     def codebook_size(self, bits: int | None) -> int:
-        """k for `bits` (2**bits), or the config's k."""
-        return self.config.k if bits is None else 2 ** bits
+        """k for `bits` (2**bits), or for the budget (2**ceil(budget)), or the config's k."""
+        if bits is not None:
+            return 2 ** bits
+        if self.config.budget is not None:
+            return 2 ** max(1, math.ceil(self.config.budget))
+        return self.config.k
 
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
         """Codebooks of k representatives on the chosen tensors; a model that has codebooks
@@ -203,5 +214,8 @@ class QaregMethod(Method):
 
     def finalize(self, model: nn.Module, bits: int | None, calibration: Calibration = None
                  ) -> Grids:
-        """The learned codebooks stay; `qareg.convert` snaps to them."""
+        """The learned codebooks stay; `qareg.convert` snaps to them. With a budget, the
+        weights are first reassigned to meet it (`qareg.budget.meet_budget`)."""
+        if self.config.budget is not None:
+            meet_budget(model, self.config.budget)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}

@@ -1,0 +1,155 @@
+"""Meeting a size budget: stored bits per quantized weight (entropy-coded indices plus
+codebooks, averaged over all quantized weights), fractional budgets such as 0.75 included.
+
+Entropy-constrained assignment (Chou, Lookabaugh and Gray, 1989): each weight w goes to the
+representative c_j minimising
+
+    ((w - c_j) / scale)^2 + mu * l_j,     l_j = -log2(q_j), q_j the share of weights on c_j,
+
+so a weight near a boundary moves to the more frequent representative: a little more
+distortion, fewer bits, and representatives that lose all their weights are dropped. One
+`mu` for the whole model, found by bisection, makes the marginal cost of a bit the same in
+every tensor: the allocation between tensors (and each tensor's effective k) follows from
+it. The codebooks keep their learned values; only assignments and k change. A model
+already under its budget is left as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qareg.compress.bitpack import packed_size
+from qareg.errors import ConfigError
+from qareg.quantize import QuantizedTensor, require_codebooks
+from qareg.validate import check_float
+
+ROUNDS = 8  # assignment / share updates per tensor and mu
+BISECTIONS = 40
+CODEBOOK_BYTES = 4  # float32 representatives
+
+
+def _envelope(centers: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower envelope of the parabolas (x - c_j)^2 + b_j, c ascending: the indices j that
+    win somewhere, and the breakpoints between consecutive winners."""
+    keep: list[int] = []
+    cuts: list[float] = []
+    for j in range(centers.size):
+        while keep:
+            i = keep[-1]
+            cut = (centers[i] + centers[j]) / 2 + (costs[j] - costs[i]) / (
+                2 * (centers[j] - centers[i]))
+            if cuts and cut <= cuts[-1]:
+                keep.pop()
+                cuts.pop()
+                continue
+            cuts.append(cut)
+            break
+        keep.append(j)
+    return np.array(keep), np.array(cuts)
+
+
+def _assign(x: np.ndarray, centers: np.ndarray, mu: float, start: np.ndarray) -> np.ndarray:
+    """Entropy-constrained assignment of `x` to `centers`, from the shares of `start`."""
+    index = start
+    for _ in range(ROUNDS):
+        counts = np.bincount(index, minlength=centers.size).astype(np.float64)
+        used = counts > 0
+        lengths = np.full(centers.size, np.inf)
+        lengths[used] = -np.log2(counts[used] / x.size)
+        alive = np.flatnonzero(used)
+        keep, cuts = _envelope(centers[alive], mu * lengths[alive])
+        new = alive[keep][np.searchsorted(cuts, x, side="left")]
+        if np.array_equal(new, index):
+            break
+        index = new
+    return index
+
+
+def _index_bytes(counts: np.ndarray) -> float:
+    """Bytes the stored index stream takes: the smaller of bit-packing at ceil(log2 k)
+    and range coding (its 4 bytes of count per symbol, then about N H / 8 in 32-bit words),
+    k the representatives in use."""
+    counts = counts[counts > 0]
+    n, k = counts.sum(), counts.size
+    if k <= 1:
+        return 0.0 if n == 0 else 4.0 * 2  # a lone symbol still takes a codebook of two
+    entropy = -(counts * np.log2(counts / n)).sum() / 8
+    ranged = 4 * k + 4 * math.ceil(entropy / 4)
+    return float(min(packed_size(int(n), max(1, math.ceil(math.log2(k)))), ranged))
+
+
+@dataclass
+class _Tensor:
+    t: QuantizedTensor
+    x: np.ndarray  # weights in units of the codebook's scale
+    centers: np.ndarray  # representatives in the same units
+    nearest: np.ndarray  # assignment by nearest representative
+
+
+def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
+    total_bytes, assignments = 0.0, []
+    for s in states:
+        index = _assign(s.x, s.centers, mu, s.nearest) if mu > 0 else s.nearest
+        counts = np.bincount(index, minlength=s.centers.size)
+        used = max(2, int((counts > 0).sum()))
+        total_bytes += _index_bytes(counts) + CODEBOOK_BYTES * used
+        assignments.append(index)
+    weights = sum(s.x.size for s in states)
+    return 8 * total_bytes / weights, assignments
+
+
+@torch.no_grad()
+def meet_budget(model: nn.Module, bits_per_weight: float) -> float:
+    """Reassign the quantized weights of prepared `model` so that its stored index and
+    codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
+    drops unused representatives (k shrinks, never below 2). Returns the bits estimated for
+    the file (the real file is within a few bytes per tensor of it)."""
+    check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
+    tensors = require_codebooks(model)
+    states = []
+    for t in tensors:
+        t.codebook.project_()
+        scale = float(t.codebook.scale)
+        x = (t.weight.detach().double().cpu().reshape(-1) / scale).numpy()
+        centers = t.codebook.normalized.detach().double().cpu().numpy()
+        nearest = t.codebook.assign(t.weight).cpu().reshape(-1).numpy()
+        states.append(_Tensor(t, x, centers, nearest))
+    bits, assignments = _stored_bits(states, 0.0)
+    if bits > bits_per_weight:
+        low, high = 0.0, 1.0
+        while _stored_bits(states, high)[0] > bits_per_weight:
+            high *= 4
+            if high > 1e12:
+                raise ConfigError(f"bits_per_weight={bits_per_weight}: the model cannot be "
+                                  "stored that small (every tensor keeps two representatives)")
+        for _ in range(BISECTIONS):
+            mid = (low + high) / 2
+            low, high = (mid, high) if _stored_bits(states, mid)[0] > bits_per_weight else (
+                low, mid)
+        bits, assignments = _stored_bits(states, high)
+    for s, index in zip(states, assignments, strict=True):
+        _apply(s.t, s.centers, index)
+    return bits
+
+
+def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
+    """Snap `t`'s weight to `centers[index]`, keeping only the representatives in use (at
+    least two)."""
+    used = np.flatnonzero(np.bincount(index, minlength=centers.size))
+    if used.size < 2:  # keep the neighbour too: a codebook has two values at least
+        extra = used[0] + 1 if used[0] + 1 < centers.size else used[0] - 1
+        used = np.sort(np.append(used, extra))
+    remap = np.full(centers.size, -1)
+    remap[used] = np.arange(used.size)
+    codebook = t.codebook
+    values = torch.from_numpy(centers[used]).to(codebook.normalized)
+    codebook.normalized = nn.Parameter(values)
+    weight: Tensor = t.weight
+    snapped = (codebook.representatives().to(weight.dtype)[torch.from_numpy(
+        remap[index]).to(weight.device)]).reshape(weight.shape)
+    weight.copy_(snapped)

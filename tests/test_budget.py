@@ -1,0 +1,82 @@
+"""Size budgets: entropy-constrained assignment meets a budget in stored bits per weight."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import qareg
+from qareg.budget import meet_budget
+from qareg.compress import save_compressed
+from qareg.config import TrainConfig
+from qareg.engine import convert_with_data, train
+from qareg.errors import ConfigError
+from qareg.methods import create_method
+from qareg.quantize import quantized_tensors
+
+
+def stored_bits(model, path) -> tuple[float, list[int]]:
+    """The file's index and codebook bits per quantized weight, and each tensor's k."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lenet5 has no batch norm to re-estimate
+        qareg.convert(model)
+    info = save_compressed(model, path)
+    return 8 * (info.index_bytes + info.codebook_bytes) / info.quantized_weights, [
+        t.k for t in info.tensors]
+
+
+def prepared(k: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    return qareg.prepare(model, k, seed=0)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.75, 1.0, 1.5, 2.5])
+def test_the_file_meets_the_budget_within_two_percent(budget, tmp_path):
+    model = prepared(2 ** max(1, -int(-budget // 1)))
+    before = {t.name: set(t.codebook.representatives().tolist()) for t in
+              quantized_tensors(model)}
+    meet_budget(model, budget)
+    bits, ks = stored_bits(model, tmp_path / "m.qz")
+    assert 0.95 * budget <= bits <= 1.02 * budget, (budget, bits)
+    assert all(k >= 2 for k in ks)
+    for t in quantized_tensors(model):  # learned values kept, unused ones dropped
+        assert set(t.codebook.representatives().tolist()) <= before[t.name]
+
+
+def test_k_follows_from_the_budget_and_need_not_be_a_power_of_two(tmp_path):
+    model = prepared(8)
+    meet_budget(model, 2.5)
+    ks = [t.codebook.k for t in quantized_tensors(model)]
+    assert any(k & (k - 1) for k in ks), ks  # some k is not a power of two
+
+
+def test_a_model_under_its_budget_is_left_as_it_is():
+    model = prepared(4)
+    weights = {t.name: t.weight.detach().clone() for t in quantized_tensors(model)}
+    meet_budget(model, 8.0)
+    for t in quantized_tensors(model):  # snapped to the nearest, nothing reassigned
+        assert torch.equal(t.weight, t.codebook.quantize(weights[t.name]))
+        assert t.codebook.k == 4
+
+
+def test_an_impossible_budget_is_refused():
+    with pytest.raises(ConfigError, match="cannot be stored that small"):
+        meet_budget(prepared(2), 0.001)
+    with pytest.raises(ConfigError, match="bits_per_weight"):
+        meet_budget(prepared(2), -1.0)
+
+
+def test_qareg_trained_with_a_budget_stores_to_it(tiny_splits, tmp_path):
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    method = create_method("qareg", {"budget": 0.75})
+    method.prepare(model, None, seed=0)
+    assert {t.codebook.k for t in quantized_tensors(model)} == {2}
+    config = TrainConfig(model="lenet5", epochs=1, optimizer="adam", lr=1e-3, batch_size=64)
+    train(model, tiny_splits, config, method, augment=False, progress=False)
+    convert_with_data(copy.deepcopy(model), tiny_splits, config, method)  # leaves model as is
+    convert_with_data(model, tiny_splits, config, method)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert 0.95 * 0.75 <= bits <= 1.02 * 0.75
