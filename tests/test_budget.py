@@ -80,3 +80,44 @@ def test_qareg_trained_with_a_budget_stores_to_it(tiny_splits, tmp_path):
     convert_with_data(model, tiny_splits, config, method)
     bits, _ = stored_bits(model, tmp_path / "m.qz")
     assert 0.95 * 0.75 <= bits <= 1.02 * 0.75
+
+
+def test_fractional_bits_are_budgets_for_qareg_and_refused_by_the_others():
+    method = create_method("qareg")
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    method.prepare(model, 1.5, seed=0)
+    assert {t.codebook.k for t in quantized_tensors(model)} == {4}  # 2**ceil(1.5)
+    assert method.resolve_bits(2.0) == 2 and method.budget_for(1.5) == 1.5
+    with pytest.raises(ConfigError, match=r"'lsq' takes whole bit-widths .* not a budget of "
+                                          r"0.75 .* fractional budgets: qareg"):
+        create_method("lsq").resolve_bits(0.75)
+
+
+def test_the_cli_takes_a_budget_for_qareg_only(fashion_dir, monkeypatch, tmp_path, capsys):
+    from qareg.cli import main
+
+    monkeypatch.setenv("QAREG_DATA", str(fashion_dir))
+    out = tmp_path / "lsq.pt"
+    assert main(["train", "--method", "lsq", "--bits", "0.75", "--out", str(out),
+                 "--epochs", "1", "--val-size", "200"]) == 2
+    assert "not a budget of 0.75" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "qareg", "--bits", "three", "--out", str(out)])
+    assert "fractional budget such as 0.75, got 'three'" in capsys.readouterr().err
+
+
+def test_the_bench_runs_budgets_with_the_methods_that_take_them(fashion_dir, tmp_path):
+    from qareg.bench import Bench, BenchConfig
+
+    config = BenchConfig(model="lenet5", methods=("ptq-kmeans", "qareg"), bits=(0.75, 1),
+                         seeds=(0,), pretrain_epochs=1, epochs=1, batch_size=64, val_size=200,
+                         data_dir=str(fashion_dir), augment=False)
+    assert config.skipped() == [("ptq-kmeans", 0.75)]
+    rows = Bench(config, tmp_path / "r.jsonl", progress=False).run()
+    runs = {(r["method"], r["bits"]) for r in rows}
+    assert runs == {("fp", 32), ("ptq-kmeans", 1), ("qareg", 0.75), ("qareg", 1)}
+    budget = next(r for r in rows if r["bits"] == 0.75)
+    stored = 8 * (budget["index_bytes"] + budget["codebook_bytes"]) / 61470
+    assert 0.95 * 0.75 <= stored <= 1.02 * 0.75
+    assert Bench(config, tmp_path / "r.jsonl", progress=False).run() == []  # resumes

@@ -198,8 +198,8 @@ def test_histogram_record_counts_edges_and_representatives():
     [
         ("{not json", "is not JSON"),
         ('{"method": "qareg", "bits": 2, "seed": 0, "accuracy": 80.0}', "missing bits_per_weight"),
-        ('{"method": "qareg", "bits": 2.5, "seed": 0, "accuracy": 80, "bits_per_weight": 2}',
-         "bits must be an integer"),
+        ('{"method": "qareg", "bits": 0, "seed": 0, "accuracy": 80, "bits_per_weight": 2}',
+         "bits must be a number > 0"),
         ('{"method": "qareg", "bits": 2, "seed": 0, "accuracy": 0.8e3, "bits_per_weight": 2}',
          "accuracy must be a percentage"),
         ('{"method": "qareg", "bits": 2, "seed": 0, "accuracy": 80, "bits_per_weight": 2, '

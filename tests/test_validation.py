@@ -259,7 +259,7 @@ CASES = [
          "ks must not repeat a k, got [2, 2]"),
     case("demo-k-larger-than-smallest-tensor",
          "demo --ks 2 4096 --val-size 200 --no-progress --out {out}",
-         "ks: k=4096 is larger than tensor 'features.0.weight' of cnn4 with 288 entries"),
+         "ks: k=4096 is larger than tensor 'features.0.weight' of lenet5 with 150 entries"),
     case("demo-qareg-epochs", "demo --qareg-epochs 0 --out {out}",
          "qareg_epochs must be an integer >= 1, got 0"),
     case("demo-epochs", "demo --epochs -1 --out {out}", "epochs must be an integer >= 0, got -1"),

@@ -70,6 +70,33 @@ def check_bits(bits: Any, name: str = "bits") -> int:
     return bits
 
 
+def is_budget(bits: Any) -> bool:
+    """Whether `bits` is a fractional budget (stored bits per weight, e.g. 0.75) rather
+    than a whole bit-width."""
+    return isinstance(bits, float) and not bits.is_integer()
+
+
+def check_bits_or_budget(bits: Any, name: str = "bits") -> int | float:
+    """A whole bit-width from 1 to MAX_BITS (a float such as 2.0 becomes 2), or a fractional
+    budget of stored bits per weight between 0 and MAX_BITS; returns it."""
+    if isinstance(bits, float) and bits.is_integer():
+        bits = int(bits)
+    if isinstance(bits, float):
+        check_float(name, bits, 0, MAX_BITS, low_open=True)
+        return bits
+    return check_bits(bits, name)
+
+
+def bits_from_text(text: str) -> int | float:
+    """A command-line bit-width or budget, not yet range-checked: "2" -> 2, "0.75" -> 0.75."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"bits must be a whole bit-width (1 to {MAX_BITS}) or a fractional "
+                          f"budget such as 0.75, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def check_init(name: str, value: Any) -> str:
     """A codebook initialisation from `INITS`; the names of the last release ("kmeans",
     "lloyd") still work, with a DeprecationWarning. Returns the current name."""

@@ -10,7 +10,7 @@ from typing import Any
 from qareg.config import DataConfig, TrainConfig
 from qareg.errors import ConfigError
 from qareg.methods import METHODS, Method, create_method, list_methods
-from qareg.validate import check_bits, check_float, check_int
+from qareg.validate import check_bits_or_budget, check_float, check_int, is_budget
 
 FP_BITS = 32  # the "bits" of the full-precision reference row
 
@@ -53,7 +53,9 @@ class BenchConfig:
     # methods compared (registered names); the reference, fp, always runs as well
     methods: tuple[str, ...] = ("ptq-kmeans", "ptq-uniform", "qareg", "qareg-reg", "qareg-ste",
                                 "cpq", "gradl1", "lsq", "dkm")
-    bits: tuple[int, ...] = (1, 2, 3, 4)  # bit-widths; k = 2**bits for codebook methods
+    # bit-widths (k = 2**bits for codebook methods) and fractional budgets of stored bits
+    # per weight (e.g. 0.75), run by the methods that take them (`Method.budgets`)
+    bits: tuple[int | float, ...] = (1, 2, 3, 4)
     seeds: tuple[int, ...] = (0, 1, 2)  # one network per seed, trained from scratch
     pretrain_epochs: int = 4  # shared full-precision training, per seed (SGD, lr 0.05)
     epochs: int = 3  # every method's own training budget, from the pretrained network
@@ -83,8 +85,8 @@ class BenchConfig:
                     lr=self.pretrain_lr, device=self.device)
         valid = [m for m in list_methods() if METHODS.get(m).quantizes]
         object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
-        object.__setattr__(self, "bits", tuple(sorted(_check_ints("bits", self.bits,
-                                                                  check_bits))))
+        object.__setattr__(self, "bits", tuple(sorted(
+            check_bits_or_budget(b) for b in _check_ints("bits", self.bits, lambda b: b))))
         object.__setattr__(self, "seeds", _check_ints(
             "seeds", self.seeds, lambda s: check_int("seed", s, 0)))
         check_int("pretrain_epochs", self.pretrain_epochs, 0)
@@ -123,6 +125,14 @@ class BenchConfig:
         options of a tuning `choice` over it (its "lr", if any, goes to the training)."""
         options = {key: value for key, value in (choice or {}).items() if key != "lr"}
         return create_method(name, {**self.method_configs.get(name, {}), **options})
+
+    def runs_at(self, name: str, bits: int | float) -> bool:
+        """Whether method `name` runs at `bits` (a fractional budget only if it takes one)."""
+        return not is_budget(bits) or METHODS.get(name).budgets
+
+    def skipped(self) -> list[tuple[str, float]]:
+        """(method, budget) pairs left out: budgets a method cannot take."""
+        return [(m, b) for m in self.methods for b in self.bits if not self.runs_at(m, b)]
 
     def tuned_methods(self) -> list[str]:
         """The methods this bench tunes (or takes tuned choices for, with `tuning_from`):

@@ -9,7 +9,14 @@ from typing import Any
 
 from qareg.errors import ConfigError
 
-RunKey = tuple[str, int, int]  # (method, bits, seed)
+
+def bits_key(bits: Any) -> int | float:
+    """A row's bits as a key: whole bit-widths as int, fractional budgets as float."""
+    value = float(bits)
+    return int(value) if value.is_integer() else value
+
+
+RunKey = tuple[str, int | float, int]  # (method, bits or budget, seed)
 
 
 def read_done(path: Path, recipe: dict[str, Any]) -> dict[RunKey, dict[str, Any]]:
@@ -23,7 +30,7 @@ def read_done(path: Path, recipe: dict[str, Any]) -> dict[RunKey, dict[str, Any]
             continue
         try:
             row = json.loads(line)
-            key = (row["method"], int(row["bits"]), int(row["seed"]))
+            key = (row["method"], bits_key(row["bits"]), int(row["seed"]))
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"results file {str(path)!r} line {number} is not a bench result; "
                               "give another --out") from None
@@ -54,7 +61,7 @@ def read_choices(path: Path, needed: list[tuple[str, int]]) -> dict[tuple[str, i
         row = json.loads(line) if line.strip() else {}
         tuning = row.get("tuning") or {}
         if "choice" in tuning and "from" not in tuning:
-            choices[(row["method"], int(row["bits"]))] = tuning["choice"]
+            choices[(row["method"], bits_key(row["bits"]))] = tuning["choice"]
     missing = [f"{method} at {bits} bits" for method, bits in needed
                if (method, bits) not in choices]
     if missing:

@@ -99,7 +99,7 @@ class Bench:
         runs = []
         for seed in c.seeds:
             runs.append((reference_method(), FP_BITS, seed))
-            runs += [(m, b, seed) for m in c.methods for b in c.bits]
+            runs += [(m, b, seed) for m in c.methods for b in c.bits if c.runs_at(m, b)]
         return runs
 
     def run(self, on_row: Callable[[dict[str, Any]], None] | None = None
@@ -118,7 +118,8 @@ class Bench:
         reference = reference_method()
         for seed in c.seeds:
             for method_name in (reference, *c.methods):
-                bits = [FP_BITS] if method_name == reference else list(c.bits)
+                bits = [FP_BITS] if method_name == reference else [
+                    b for b in c.bits if c.runs_at(method_name, b)]
                 missing = [b for b in bits if (method_name, b, seed) not in self.done]
                 if not missing:
                     continue

@@ -71,6 +71,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     say(f"qareg bench: {config.model} on {config.dataset}, {', '.join(config.methods)} at bits "
         f"{' '.join(map(str, config.bits))}, seeds {' '.join(map(str, config.seeds))}")
     say(f"  {len(planned)} runs planned, {len(planned) - len(todo)} already in {args.out}")
+    if config.skipped():
+        say("  skipped (fractional budgets these methods cannot take): " + ", ".join(
+            f"{m} at {b}" for m, b in config.skipped()))
 
     def show(row: dict[str, Any]) -> None:
         say(f"{row['method']:<12} bits {row['bits']:>2} seed {row['seed']}: "

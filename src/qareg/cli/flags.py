@@ -108,8 +108,10 @@ def add_flags(group: argparse._ActionsContainer, flags: Iterable[Flag], dest_pre
         elif origin is tuple:
             item = typing.get_args(hint)[0]
             nargs = "*" if flag.default in ((), dataclasses.MISSING) else "+"
+            numbers = set(typing.get_args(item)) == {int, float}  # e.g. bits or budgets
             group.add_argument(flag.option, nargs=nargs, type=item if item in (int, float) else
-                               str, metavar=flag.field.upper(), **common)
+                               yaml_value if numbers else str, metavar=flag.field.upper(),
+                               **common)
         elif origin is dict:
             group.add_argument(flag.option, nargs="*", metavar="PATTERN=VALUE", **common)
         elif hint in (int, float, str):

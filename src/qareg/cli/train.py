@@ -44,6 +44,7 @@ from qareg.runs import (
     run_training,
     saved_sections,
 )
+from qareg.validate import bits_from_text
 
 SECTIONS = ("data", "train", "method", "regularizer")  # regularizer: the method's, renamed
 OPTION_DEST = "option_"  # argparse dest prefix of the method options
@@ -93,8 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=list_methods(), default=None,
                    help="fp: full precision (the default); qareg: the quantization-aware "
                    "regularizer; the others as their papers train them")
-    p.add_argument("--bits", type=int, help=f"bit-width, 1 to {MAX_BITS} (qareg: sets k = "
-                   "2**bits; the methods but fp and qareg need it)")
+    p.add_argument("--bits", type=bits_argument, help=f"bit-width, 1 to {MAX_BITS} (qareg: "
+                   "sets k = 2**bits; the methods but fp and qareg need it); qareg also takes a "
+                   "fractional budget of stored bits per weight, e.g. 0.75")
     p.add_argument("--option", nargs="*", metavar="KEY=VALUE",
                    help="options of the method (listed below), e.g. drop_rate=0.2")
     p.add_argument("--out", required=True, help="checkpoint to write; rewritten atomically "
@@ -247,3 +249,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         say(result.report.format_table())
     say(_final_line(spec, args.out, result))
     return 0
+
+
+def bits_argument(text: str) -> int | float:
+    """argparse type of --bits: a whole bit-width or a fractional budget."""
+    try:
+        return bits_from_text(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

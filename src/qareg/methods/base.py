@@ -42,7 +42,7 @@ from qareg.constants import CODEBOOK_SUFFIX, MAX_BITS
 from qareg.errors import ConfigError
 from qareg.quantize import ConversionReport, convert, parameter_candidates, quantized_tensors
 from qareg.registry import Registry
-from qareg.validate import check_bits
+from qareg.validate import check_bits_or_budget, is_budget
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ class Method:
     # TrainConfig fields of this method's recommended fine-tuning, used by `qareg train
     # --init-from` and by `qareg bench`; training from scratch keeps TrainConfig's defaults.
     recipe: ClassVar[dict[str, Any]] = {"optimizer": "adam", "lr": 1e-3}
+    # True: `bits` may also be a fractional budget of stored bits per weight (e.g. 0.75)
+    budgets: ClassVar[bool] = False
     # What `qareg bench --tune-trials N` tries, the first N in this order, chosen on the
     # validation split: each a dict of this method's options and/or "lr" (the fine-tuning
     # learning rate); {} is the options as configured. Documented hyperparameters only.
@@ -104,16 +106,23 @@ class Method:
         none of the training hooks), so that one such training serves all these methods."""
         return all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINING_HOOKS)
 
-    def resolve_bits(self, bits: int | None) -> int | None:
+    def resolve_bits(self, bits: int | float | None) -> int | float | None:
         """The bit-width this method trains or is converted at, given the one asked for:
-        a quantizing method needs one, from 1 to MAX_BITS; the reference takes none."""
+        a quantizing method needs one, from 1 to MAX_BITS (or a fractional budget, for the
+        methods that take one); the reference takes none."""
         if not self.quantizes:
             if bits is not None:
                 raise ConfigError(f"method {self.name!r} does not quantize; drop bits={bits}")
             return None
         if bits is None:
             raise ConfigError(f"method {self.name!r} needs bits (1 to {MAX_BITS})")
-        return check_bits(bits)
+        bits = check_bits_or_budget(bits)
+        if is_budget(bits) and not self.budgets:
+            takers = [n for n in list_methods() if METHODS.get(n).budgets]
+            raise ConfigError(f"method {self.name!r} takes whole bit-widths (1 to {MAX_BITS}), "
+                              f"not a budget of {bits} bits per weight; fractional budgets: "
+                              f"{', '.join(takers)}")
+        return bits
 
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
         """Attach what training needs to `model`, in place. `bits` is None for post-training

@@ -34,13 +34,14 @@ from qareg.quantize import (
 from qareg.rate import model_rate_bits
 from qareg.straight_through import straight_through
 from qareg.validate import (
-    check_bits,
+    check_bits_or_budget,
     check_bool,
     check_choice,
     check_float,
     check_init,
     check_int,
     check_patterns,
+    is_budget,
 )
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
@@ -143,33 +144,40 @@ class QaregConfig:
 RegularizerConfig = QaregConfig  # the name of the last release, kept for one release
 
 
-@register_method("qareg", config_class=QaregConfig, search_space=(
+@register_method("qareg", config_class=QaregConfig, budgets=True, search_space=(
     {}, {"lam": 0.1}, {"lam": 10.0}, {"lr": 3e-4}))
 class QaregMethod(Method):
     """Train with `lambda(t) * penalty(model)` and snapped forward passes; codebooks learn
     with the weights."""
 
-    def resolve_bits(self, bits: int | None) -> int | None:
-        """Any bits set k = 2**bits; without, the config's k decides. A k set apart from
-        its default must agree with the bits."""
+    def resolve_bits(self, bits: int | float | None) -> int | float | None:
+        """Any bits set k = 2**bits, and a fractional budget k = 2**ceil(budget), met after
+        training (`qareg.budget`); without, the config's k decides. A k set apart from its
+        default must agree with whole bits."""
         if bits is None:
             return None
+        bits = check_bits_or_budget(bits)
         k = self.config.k
-        if k != type(self.config).k and k != 2 ** check_bits(bits):
+        if not is_budget(bits) and k != type(self.config).k and k != 2 ** bits:
             raise ConfigError(f"bits={bits} means k = {2 ** bits}, but k is {k}; give one of "
                               "them")
-        return check_bits(bits)
+        return bits
+
+    def budget_for(self, bits: int | float | None) -> float | None:
+        """The stored-size budget at `bits`: a fractional `bits` itself, else the config's."""
+        return bits if is_budget(bits) else self.config.budget
 
     def options(self) -> dict[str, Any]:
         """The config, with the k the codebooks have (2**bits once prepared at bits)."""
         return {**super().options(), "k": self.codebook_size(self.bits)}
 
-    def codebook_size(self, bits: int | None) -> int:
+    def codebook_size(self, bits: int | float | None) -> int:
         """k for `bits` (2**bits), or for the budget (2**ceil(budget)), or the config's k."""
-        if bits is not None:
+        budget = self.budget_for(bits)
+        if bits is not None and not is_budget(bits):
             return 2 ** bits
-        if self.config.budget is not None:
-            return 2 ** max(1, math.ceil(self.config.budget))
+        if budget is not None:
+            return 2 ** max(1, math.ceil(budget))
         return self.config.k
 
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
@@ -216,6 +224,7 @@ class QaregMethod(Method):
                  ) -> Grids:
         """The learned codebooks stay; `qareg.convert` snaps to them. With a budget, the
         weights are first reassigned to meet it (`qareg.budget.meet_budget`)."""
-        if self.config.budget is not None:
-            meet_budget(model, self.config.budget)
+        budget = self.budget_for(bits)
+        if budget is not None:
+            meet_budget(model, budget)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}

@@ -50,10 +50,10 @@ def _row_problem(row: Any) -> str | None:
         return f"missing {', '.join(missing)} (every row needs {', '.join(REQUIRED)})"
     if not isinstance(row["method"], str) or not row["method"]:
         return f"method must be a non-empty string, got {row['method']!r}"
-    for key in ("bits", "seed"):
-        if not _is_int(row[key]) or row[key] < (1 if key == "bits" else 0):
-            low = 1 if key == "bits" else 0
-            return f"{key} must be an integer >= {low}, got {row[key]!r}"
+    if not _is_number(row["bits"]) or row["bits"] <= 0:
+        return f"bits must be a number > 0 (a bit-width or a budget), got {row['bits']!r}"
+    if not _is_int(row["seed"]) or row["seed"] < 0:
+        return f"seed must be an integer >= 0, got {row['seed']!r}"
     if not _is_number(row["accuracy"]) or not 0 <= row["accuracy"] <= 100:
         return f"accuracy must be a percentage from 0 to 100, got {row['accuracy']!r}"
     if not _is_number(row["bits_per_weight"]) or row["bits_per_weight"] <= 0:
