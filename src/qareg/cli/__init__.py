@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qareg.cli import compare, files, train
+from qareg.cli import compare, files, sweep, train
 from qareg.errors import QaregError, TrainingDiverged
 from qareg.plugins import load_plugin
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train.add_parser(sub)
     files.add_parsers(sub)
+    sweep.add_parser(sub)
     compare.add_parsers(sub)
     for name in ("train", "bench"):  # also accepted after the command
         sub.choices[name].add_argument("--plugin", action="append", metavar="FILE",

@@ -31,7 +31,7 @@ def data_for(meta: dict[str, Any], args: argparse.Namespace) -> DatasetSplits:
                         val_size=cfg.val_size, split_seed=cfg.split_seed)
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
+def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="override the dataset the network was trained on")
     p.add_argument("--data-dir", help="folder of the dataset files")
     p.add_argument("--device", default="cpu")
@@ -49,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn-batches", type=int, default=50,
                    help="training batches to re-estimate batch norm")
     p.add_argument("--seed", type=int, default=0)
-    _add_data_flags(p)
+    add_data_flags(p)
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="test (or validation) accuracy of a checkpoint or of a "
@@ -57,7 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint (.pt) or compressed file (.qz)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--json", action="store_true", help="print one JSON line instead")
-    _add_data_flags(p)
+    add_data_flags(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("compress", help="write a quantized checkpoint as codebooks plus "
