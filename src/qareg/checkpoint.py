@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qareg.act_quant import attach_like
 from qareg.errors import ConfigError
 from qareg.filetypes import describe, sniff
 from qareg.models import create_model
@@ -102,6 +103,7 @@ def model_from_checkpoint(payload: dict[str, Any], device: str = "cpu",
         prepare(model)
     else:
         prepare_like(model, payload["state_dict"])
+    attach_like(model, payload["state_dict"])  # quantized layer inputs, if it has them
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:

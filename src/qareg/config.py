@@ -71,6 +71,9 @@ class TrainConfig:
     bn_batches: int = 50  # training batches to re-estimate batch norm after convert
     precision: str = "fp32"  # fp32, or bf16: forward passes under bfloat16 autocast
     deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms)
+    # quantize the input of every Conv and Linear layer at this many bits (2 to 16) with a
+    # learned step, in training and after (qareg.act_quant); None: full-precision inputs
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, tuple(list_models()))
@@ -86,6 +89,8 @@ class TrainConfig:
         check_int("bn_batches", self.bn_batches, 1)
         check_choice("precision", self.precision, PRECISIONS)
         check_bool("deterministic", self.deterministic)
+        if self.act_bits is not None:
+            check_int("act_bits", self.act_bits, 2, 16)
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from qareg.act_quant import InputQuantizer, attach_input_quantizers, input_quantizers
 from qareg.checkpoint import atomic_write
 from qareg.codebook import Codebook
 from qareg.config import TrainConfig
@@ -78,11 +79,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig,
     """Network weights with weight decay; the method's own parameters (codebooks, step
     sizes, gates) in groups without it (decay would drag representatives toward zero) and at
     lr * their lr_scale. Codebooks no method claims (a prepared model trained in full
-    precision) get a group without decay too."""
+    precision) and the steps of input quantizers get a group without decay too."""
     own = method.param_groups(model) if method is not None else []
     claimed = {id(p) for group in own for p in group["params"]}
-    loose = [p for m in model.modules() if isinstance(m, Codebook) for p in m.parameters()
-             if id(p) not in claimed]
+    loose = [p for m in model.modules() if isinstance(m, (Codebook, InputQuantizer))
+             for p in m.parameters() if id(p) not in claimed]
     if loose:
         own = [*own, {"params": loose, "lr_scale": 1.0}]
     own_ids = {id(p) for group in own for p in group["params"]}
@@ -184,6 +185,8 @@ def train(
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
                           f"of processes ({world.size}): every rank takes an equal share")
     device = torch.device(config.device)
+    if config.act_bits is not None and not input_quantizers(model):  # a fresh run: calibrate
+        attach_input_quantizers(model, config.act_bits, bn_loader(splits, config))
     bf16 = config.precision == "bf16"  # forward passes under bfloat16 autocast
     loader = BatchLoader(
         splits.train, config.batch_size, splits.mean, splits.std, shuffle=True, drop_last=True,

@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from qareg.act_quant import attach_like, input_quantizers
 from qareg.checkpoint import atomic_write
 from qareg.compress.bitpack import pack_bits, unpack_bits
 from qareg.compress.container import CompressedFileError, fail, pack, unpack
@@ -277,6 +278,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None,
             model = create_model(**contents.model)
         except (ConfigError, TypeError) as error:
             raise fail(path, f"cannot rebuild the model it records: {error}") from None
+    if not input_quantizers(model):  # layer-input quantizers travel as raw tensors
+        attach_like(model, contents.raw)
     expected = {key: value for key, value in model.state_dict().items()
                 if key not in _codebook_keys(model)}
     stored = {e["name"]: tuple(e["shape"]) for e in contents.entries}

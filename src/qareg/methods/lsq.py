@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from qareg.methods.base import register_method
 from qareg.methods.parametrized import ParametrizedMethod, QuantizerOptions
+from qareg.ste import floor_ste, round_ste, scale_grad, sign_ste
 from qareg.validate import check_bits
 
 MIN_STEP_FRACTION = 1e-3  # the step acts as at least this share of its initial value
@@ -58,27 +59,6 @@ def lsq_initial_step(weights: Tensor, bits: int) -> float:
     if mean_abs == 0:
         return 1.0
     return 2 * mean_abs / math.sqrt(lsq_range(bits)[1])
-
-
-def scale_grad(x: Tensor, scale: float) -> Tensor:
-    """`x` in the forward pass, exactly; its gradient multiplied by `scale`."""
-    scaled = x * scale
-    return x.detach() + (scaled - scaled.detach())
-
-
-def floor_ste(x: Tensor, low: Tensor | float) -> Tensor:
-    """max(x, low) in the forward pass; the gradient passes to `x` unchanged."""
-    return x.clamp(min=low).detach() + (x - x.detach())
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) in the forward pass, exactly; the identity in the backward pass."""
-    return x.round().detach() + (x - x.detach())
-
-
-def sign_ste(x: Tensor) -> Tensor:
-    """+1 where x >= 0, else -1, in the forward pass; the identity in the backward pass."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype).detach() + (x - x.detach())
 
 
 def lsq_quantize(weights: Tensor, step: Tensor, bits: int) -> Tensor:
