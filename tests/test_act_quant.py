@@ -94,3 +94,17 @@ def test_train_act_bits_through_the_command_line(fashion_dir, tmp_path, capsys, 
         from_checkpoint)["accuracy"]
     assert main(["train", "--act-bits", "1", "--out", str(tmp_path / "x.pt")]) == 2
     assert "act_bits must be an integer from 2 to 16, got 1" in capsys.readouterr().err
+
+
+def test_a_w_a_bench_quantizes_the_training_methods_inputs_only(fashion_dir, tmp_path):
+    from qareg.bench import Bench, BenchConfig
+
+    config = BenchConfig(model="lenet5", methods=("ptq-kmeans", "qareg", "lsq"), bits=(2,),
+                         seeds=(0,), pretrain_epochs=1, epochs=1, batch_size=64,
+                         val_size=200, data_dir=str(fashion_dir), augment=False, act_bits=4)
+    assert config.skipped() == [("ptq-kmeans", 2)]
+    rows = {r["method"]: r for r in Bench(config, tmp_path / "r.jsonl", progress=False).run()}
+    assert set(rows) == {"fp", "qareg", "lsq"}
+    assert rows["fp"]["train"]["act_bits"] is None  # the reference stays full precision
+    assert rows["qareg"]["train"]["act_bits"] == rows["lsq"]["train"]["act_bits"] == 4
+    assert rows["qareg"]["recipe"]["act_bits"] == 4

@@ -73,6 +73,9 @@ class BenchConfig:
     # the width at which each method is tuned, its choice then trained at every width;
     # None: every width tuned on its own
     tune_bits: int | None = None
+    # quantize every layer input at this many bits while the methods train (qareg.act_quant):
+    # W/A benches; the reference stays in full precision, post-training quantizers are skipped
+    act_bits: int | None = None
     # a tuned bench's results file: train the choices made there (per method and width)
     # instead of tuning again (for a larger network whose own tuning would not fit)
     tuning_from: str | None = None
@@ -102,6 +105,8 @@ class BenchConfig:
                                   f"{', '.join(list_methods())}")
             self.method(name)  # validates the fields now, not after hours of training
         check_int("tune_trials", self.tune_trials, 0)
+        if self.act_bits is not None:
+            check_int("act_bits", self.act_bits, 2, 16)
         if self.tune_bits is not None and self.tune_bits not in self.bits:
             raise ConfigError(f"tune_bits {self.tune_bits!r} must be one of the bench's bits "
                               f"{list(self.bits)}")
@@ -127,11 +132,16 @@ class BenchConfig:
         return create_method(name, {**self.method_configs.get(name, {}), **options})
 
     def runs_at(self, name: str, bits: int | float) -> bool:
-        """Whether method `name` runs at `bits` (a fractional budget only if it takes one)."""
-        return not is_budget(bits) or METHODS.get(name).budgets
+        """Whether method `name` runs at `bits`: a fractional budget only if it takes one;
+        with quantized activations, only if it trains."""
+        cls = METHODS.get(name)
+        if self.act_bits is not None and cls.trains_in_full_precision():
+            return False
+        return not is_budget(bits) or cls.budgets
 
     def skipped(self) -> list[tuple[str, float]]:
-        """(method, budget) pairs left out: budgets a method cannot take."""
+        """(method, bits) pairs left out: budgets a method cannot take, and post-training
+        quantizers when activations are quantized (they do not train with them)."""
         return [(m, b) for m in self.methods for b in self.bits if not self.runs_at(m, b)]
 
     def tuned_methods(self) -> list[str]:
@@ -160,8 +170,9 @@ class BenchConfig:
         recipe = {**method.recipe, **({"lr": self.lr} if self.lr is not None else {})}
         if choice and "lr" in choice:
             recipe["lr"] = choice["lr"]
+        act_bits = self.act_bits if method.quantizes else None  # the reference: full precision
         return TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
-                           seed=seed, device=self.device, **recipe)
+                           seed=seed, device=self.device, act_bits=act_bits, **recipe)
 
     def recipe(self) -> dict[str, Any]:
         """What every row of one results file must share (checked when resuming)."""
@@ -172,6 +183,8 @@ class BenchConfig:
             recipe["tune_trials"] = self.tune_trials
         if self.tune_bits is not None:
             recipe["tune_bits"] = self.tune_bits
+        if self.act_bits is not None:
+            recipe["act_bits"] = self.act_bits
         if self.tuning_from is not None:
             recipe["tuning_from"] = Path(self.tuning_from).name
         return recipe

@@ -72,7 +72,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{' '.join(map(str, config.bits))}, seeds {' '.join(map(str, config.seeds))}")
     say(f"  {len(planned)} runs planned, {len(planned) - len(todo)} already in {args.out}")
     if config.skipped():
-        say("  skipped (fractional budgets these methods cannot take): " + ", ".join(
+        say("  skipped (budgets a method cannot take; post-training quantizers under "
+            "--act-bits): " + ", ".join(
             f"{m} at {b}" for m, b in config.skipped()))
 
     def show(row: dict[str, Any]) -> None:
