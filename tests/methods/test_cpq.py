@@ -304,3 +304,28 @@ def test_training_is_repeatable_on_two_threads_whatever_ran_before(tiny_splits):
         torch.set_num_threads(threads)
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
+
+
+def test_a_larger_lam_bits_learns_fewer_bits(tiny_splits, tmp_path):
+    """Learned bit-widths (issue 14): the same training with a stronger bit-drop penalty
+    ends with fewer average bits and a smaller stored file."""
+    from qareg.compress import save_compressed
+
+    average, sizes = {}, {}
+    for lam_bits in (1e-4, 1.0):  # Adam moves gates by ~lr a step: a large gate lr
+        torch.manual_seed(0)
+        model = qareg.create_model("lenet5", 10, 1, 28)
+        method = CPQMethod(CPQConfig(lam_bits=lam_bits, gate_lr_scale=1000.0))
+        method.prepare(model, 4, seed=0)
+        config = TrainConfig(model="lenet5", epochs=2, optimizer="adam", lr=1e-3,
+                             batch_size=64)
+        train(model, tiny_splits, config, method=method, progress=False, augment=False)
+        widths = bit_widths(model)
+        plain = qareg.create_model("lenet5", 10, 1, 28)
+        sizes_of = {n: plain.get_parameter(n).numel() for n in widths}
+        average[lam_bits] = sum(widths[n] * sizes_of[n] for n in widths) / sum(
+            sizes_of.values())
+        method.convert(model, 4, bn_loader(tiny_splits, config))
+        sizes[lam_bits] = save_compressed(model, tmp_path / f"{lam_bits}.qz").file_bytes
+    assert average[1.0] < average[1e-4] <= 4, average
+    assert sizes[1.0] < sizes[1e-4], sizes
