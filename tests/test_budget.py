@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,36 @@ def test_the_bench_runs_budgets_with_the_methods_that_take_them(fashion_dir, tmp
     stored = 8 * (budget["index_bytes"] + budget["codebook_bytes"]) / 61470
     assert 0.95 * 0.75 <= stored <= 1.02 * 0.75
     assert Bench(config, tmp_path / "r.jsonl", progress=False).run() == []  # resumes
+
+
+def test_sensitive_tensors_keep_more_bits(tmp_path):
+    """Weighting one tensor's distortion far above the others moves bits to it."""
+    from qareg.compress.entropy import empirical_entropy_bytes
+
+    def bits_of(model, name):
+        t = next(t for t in quantized_tensors(model) if t.name == name)
+        index = t.codebook.assign(t.weight).numpy()
+        return 8 * empirical_entropy_bytes(index, t.codebook.k) / t.weight.numel()
+
+    plain, weighted = prepared(4), prepared(4)
+    meet_budget(plain, 1.0)
+    meet_budget(weighted, 1.0, {"classifier.2.weight": 1e4})
+    assert bits_of(weighted, "classifier.2.weight") > bits_of(plain, "classifier.2.weight")
+    assert bits_of(weighted, "classifier.0.weight") < bits_of(plain, "classifier.0.weight")
+    bits, _ = stored_bits(weighted, tmp_path / "w.qz")
+    assert 0.95 <= bits <= 1.02
+
+
+def test_fisher_sensitivity_is_positive_and_leaves_the_model_alone(tiny_splits):
+    from qareg.budget import fisher_sensitivity
+    from qareg.evaluation import bn_loader
+
+    model = prepared(4).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = bn_loader(tiny_splits, TrainConfig(model="lenet5", batch_size=64))
+    sensitivity = fisher_sensitivity(model, batches, max_batches=2)
+    assert set(sensitivity) == {t.name for t in quantized_tensors(model)}
+    assert all(value > 0 and np.isfinite(value) for value in sensitivity.values())
+    assert model.training and all(torch.equal(p, before[n])
+                                   for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())

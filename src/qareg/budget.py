@@ -10,14 +10,18 @@ so a weight near a boundary moves to the more frequent representative: a little 
 distortion, fewer bits, and representatives that lose all their weights are dropped. One
 `mu` for the whole model, found by bisection, makes the marginal cost of a bit the same in
 every tensor: the allocation between tensors (and each tensor's effective k) follows from
-it. The codebooks keep their learned values; only assignments and k change. A model
-already under its budget is left as it is.
+it. With a measured sensitivity s_t per tensor (`fisher_sensitivity`: the loss grows by
+about s_t / 2 per unit of squared scaled distortion), a tensor's distortion is weighted by
+it, so sensitive tensors keep more bits. The codebooks keep their learned values; only
+assignments and k change. A model already under its budget is left as it is.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -89,12 +93,14 @@ class _Tensor:
     x: np.ndarray  # weights in units of the codebook's scale
     centers: np.ndarray  # representatives in the same units
     nearest: np.ndarray  # assignment by nearest representative
+    sensitivity: float  # weight of this tensor's distortion against the model's bits
 
 
 def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
     total_bytes, assignments = 0.0, []
     for s in states:
-        index = _assign(s.x, s.centers, mu, s.nearest) if mu > 0 else s.nearest
+        index = (_assign(s.x, s.centers, mu / max(s.sensitivity, 1e-30), s.nearest) if mu > 0
+                 else s.nearest)
         counts = np.bincount(index, minlength=s.centers.size)
         used = max(2, int((counts > 0).sum()))
         total_bytes += _index_bytes(counts) + CODEBOOK_BYTES * used
@@ -104,13 +110,19 @@ def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarr
 
 
 @torch.no_grad()
-def meet_budget(model: nn.Module, bits_per_weight: float) -> float:
+def meet_budget(model: nn.Module, bits_per_weight: float,
+                sensitivity: Mapping[str, float] | None = None) -> float:
     """Reassign the quantized weights of prepared `model` so that its stored index and
     codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
-    drops unused representatives (k shrinks, never below 2). Returns the bits estimated for
-    the file (the real file is within a few bytes per tensor of it)."""
+    drops unused representatives (k shrinks, never below 2). `sensitivity` (tensor name ->
+    weight, e.g. `fisher_sensitivity`) weights each tensor's distortion; by default all
+    count alike. Returns the bits estimated for the file (the real file is within a few
+    bytes per tensor of it)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
     tensors = require_codebooks(model)
+    sensitivity = dict(sensitivity or {})
+    for name, value in sensitivity.items():
+        check_float(f"sensitivity[{name!r}]", value, 0)
     states = []
     for t in tensors:
         t.codebook.project_()
@@ -118,7 +130,7 @@ def meet_budget(model: nn.Module, bits_per_weight: float) -> float:
         x = (t.weight.detach().double().cpu().reshape(-1) / scale).numpy()
         centers = t.codebook.normalized.detach().double().cpu().numpy()
         nearest = t.codebook.assign(t.weight).cpu().reshape(-1).numpy()
-        states.append(_Tensor(t, x, centers, nearest))
+        states.append(_Tensor(t, x, centers, nearest, sensitivity.get(t.name, 1.0)))
     bits, assignments = _stored_bits(states, 0.0)
     if bits > bits_per_weight:
         low, high = 0.0, 1.0
@@ -153,3 +165,29 @@ def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
     snapped = (codebook.representatives().to(weight.dtype)[torch.from_numpy(
         remap[index]).to(weight.device)]).reshape(weight.shape)
     weight.copy_(snapped)
+
+
+def fisher_sensitivity(model: nn.Module, batches: Iterable, max_batches: int = 4
+                       ) -> dict[str, float]:
+    """Per quantized tensor: the mean squared gradient of the cross-entropy over its
+    weights (a diagonal empirical Fisher, from batch gradients) times its codebook's scale
+    squared: the loss's curvature along that tensor's scaled distortion. Measured on the
+    first `max_batches` of `batches` ((inputs, labels) pairs); the model is left as it was."""
+    tensors = require_codebooks(model)
+    squares = {t.name: 0.0 for t in tensors}
+    was_training, count = model.training, 0
+    model.eval()
+    try:
+        for inputs, labels in islice(batches, max_batches):
+            weights = [t.weight for t in tensors]
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(model(inputs), labels)
+                grads = torch.autograd.grad(loss, weights)
+            for t, g in zip(tensors, grads, strict=True):
+                squares[t.name] += float(g.double().square().mean())
+            count += 1
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ConfigError("fisher_sensitivity: the batches are empty")
+    return {t.name: squares[t.name] / count * float(t.codebook.scale) ** 2 for t in tensors}

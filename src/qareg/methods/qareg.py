@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from qareg.budget import meet_budget
+from qareg.budget import fisher_sensitivity, meet_budget
 from qareg.constants import MAX_K, PENALTY_VARIANTS
 from qareg.errors import ConfigError
 from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
@@ -223,8 +223,11 @@ class QaregMethod(Method):
     def finalize(self, model: nn.Module, bits: int | None, calibration: Calibration = None
                  ) -> Grids:
         """The learned codebooks stay; `qareg.convert` snaps to them. With a budget, the
-        weights are first reassigned to meet it (`qareg.budget.meet_budget`)."""
+        weights are first reassigned to meet it (`qareg.budget.meet_budget`), each tensor's
+        distortion weighted by its sensitivity measured on `calibration` when given."""
         budget = self.budget_for(bits)
         if budget is not None:
-            meet_budget(model, budget)
+            sensitivity = (fisher_sensitivity(model, calibration) if calibration is not None
+                           else None)
+            meet_budget(model, budget, sensitivity)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
