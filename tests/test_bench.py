@@ -125,3 +125,12 @@ def test_cli_bench_then_report(finished, fashion_dir, tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").is_file()
     assert main(["bench", "--methods", "nope", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_rows_give_each_tensor_s_k(finished):
+    for row in rows_of(finished):
+        if row["method"] == "fp":
+            continue
+        assert set(row["layers"]) == set(row["histograms"])
+        assert all(layer["k"] == row["k"] and layer["distinct"] <= layer["k"]
+                   for layer in row["layers"].values())

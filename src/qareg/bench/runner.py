@@ -325,6 +325,9 @@ class Bench:
             quantize_seconds=quantize_seconds,
             distinct_values=max(t.distinct for t in report.tensors),
             sparsity=report.sparsity,
+            # per tensor: its k after conversion (a learned width, a budget's allocation)
+            layers={t.name: {"k": t.k, "distinct": t.distinct, "zeros": t.zeros}
+                    for t in report.tensors},
             histograms=histogram_record(before, after, grids),
             tuning=tuning,
         )
