@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from itertools import islice
 
 import torch
 from torch import Tensor, nn
 
+from qareg.activations import run_with_input_hooks
 from qareg.constants import DEFAULT_LAYERS
 from qareg.errors import ConfigError
 from qareg.ste import round_ste, scale_grad
@@ -88,16 +88,8 @@ def attach_input_quantizers(model: nn.Module, bits: int, calibration: Iterable,
             seen[name].append(args[0].detach().flatten().float())
         return hook
 
-    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in islice(calibration, max_batches):
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_input_hooks(model, layers, {n: recorder(n) for n in layers}, calibration,
+                         max_batches)
     for name, module in layers.items():
         if not seen[name]:
             raise ConfigError(f"the calibration batches never reach layer {name!r}")

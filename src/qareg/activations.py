@@ -7,7 +7,7 @@ few batches, and returns a handle that removes the quantizers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 
 import torch
@@ -67,6 +67,25 @@ class ActivationQuantization:
 
 
 @torch.no_grad()
+def run_with_input_hooks(model: nn.Module, layers: Mapping[str, nn.Module],
+                         hooks: Mapping[str, Callable], calibration: Iterable,
+                         max_batches: int | None = None) -> None:
+    """Run `model` in eval mode over `calibration` (inputs, or (inputs, labels) pairs) with
+    `hooks[name]` as a forward pre-hook of `layers[name]`; hooks removed and the mode
+    restored afterwards, whatever happens."""
+    handles = [layers[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in islice(calibration, max_batches):
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def quantize_activations(model: nn.Module, bits: int, calibration: Iterable,
                          percentile: float = 99.99, max_batches: int | None = None
                          ) -> ActivationQuantization:
@@ -89,16 +108,7 @@ def quantize_activations(model: nn.Module, bits: int, calibration: Iterable,
         raise ConfigError("quantize_activations: the model already has activation "
                           "quantizers; remove() them first")
     recorders = {name: _InputRange(percentile) for name in layers}
-    handles = [m.register_forward_pre_hook(recorders[name]) for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in islice(calibration, max_batches):
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_with_input_hooks(model, layers, recorders, calibration, max_batches)
     result = ActivationQuantization()
     for name, module in layers.items():
         recorder = recorders[name]

@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from qareg.checkpoint import save_checkpoint
-from qareg.cli.output import check_new_file, check_not_input, check_output, say, stem_with
+from qareg.cli.output import (
+    check_derived_file,
+    check_new_file,
+    check_not_input,
+    check_output,
+    say,
+    stem_with,
+)
 from qareg.config import DataConfig, TrainConfig, from_dict
 from qareg.constants import INITS, MAX_K
 from qareg.data import DatasetSplits, load_dataset
@@ -161,9 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from qareg.compress import save_compressed
 
-    check_output(args.out, "OUT")
-    check_not_input(args.out, "OUT", args.checkpoint)
-    check_new_file(args.out, "OUT", args.overwrite)
+    check_derived_file(args.out, "OUT", args.checkpoint, args.overwrite)
     model, meta = load_run(args.checkpoint)
     if not meta.get("converted"):
         raise ConfigError(f"{args.checkpoint!r} is not quantized yet: run `qareg quantize "
@@ -193,9 +198,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qareg.onnx_export import export_onnx
 
-    check_output(args.onnx, "--onnx")
-    check_not_input(args.onnx, "--onnx", args.file)
-    check_new_file(args.onnx, "--onnx", args.overwrite)
+    check_derived_file(args.onnx, "--onnx", args.file, args.overwrite)
     sizes = export_onnx(args.file, args.onnx,
                         input_shape=tuple(args.input_shape) if args.input_shape else None)
     say(f"{args.file}: {sizes.compressed_bytes} bytes (qareg compressed file)")

@@ -75,6 +75,13 @@ def check_new_file(path: str, flag: str, overwrite: bool) -> None:
                           "another file name")
 
 
+def check_derived_file(path: str, flag: str, source: str, overwrite: bool) -> None:
+    """A file a command writes from `source`: writable, not `source`, new or --overwrite."""
+    check_output(path, flag)
+    check_not_input(path, flag, source)
+    check_new_file(path, flag, overwrite)
+
+
 def stem_with(path: str, suffix: str) -> str:
     """`path` with its extension replaced: runs/fp.pt -> runs/fp-k4.pt for suffix '-k4.pt'."""
     p = Path(path)
