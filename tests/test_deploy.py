@@ -111,12 +111,13 @@ def test_unsupported_layers_and_bad_files_write_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_the_export_command_prints_the_three_sizes(compressed, tmp_path, capsys):
-    name, _, files = compressed
-    if name != "lenet5":
-        pytest.skip("one model is enough for the command")
-    path, _ = files[4]
-    out = tmp_path / "m.onnx"
+def test_the_export_command_prints_the_three_sizes(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", num_classes=10, in_channels=1, input_size=28)
+    qareg.prepare(model, 4, init="linear", seed=0)
+    qareg.convert(model)
+    path, out = tmp_path / "m.qz", tmp_path / "m.onnx"
+    save_compressed(model, path)
     assert main(["export", str(path), "--onnx", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{path.stat().st_size} bytes (qareg compressed file)" in printed
