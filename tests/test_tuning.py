@@ -139,3 +139,20 @@ def test_tuned_at_one_width_every_width_trains_that_choice(fashion_dir, tmp_path
     assert rows[1]["recipe"]["tune_bits"] == 2
     with pytest.raises(ConfigError, match="tune_bits 3 must be one of"):
         tuned_bench(fashion_dir, tune_bits=3)
+
+
+def test_a_width_the_tuned_file_lacks_takes_the_method_s_only_choice(tmp_path):
+    from qareg.bench import read_choices
+
+    path = tmp_path / "tuned.jsonl"
+    rows = [{"method": "qareg", "bits": 2, "seed": 0, "tuning": {"trials": [], "choice":
+                                                                 {"lam": 0.1}}},
+            {"method": "qareg", "bits": 1, "seed": 0, "tuning": {"choice": {"lam": 0.1},
+                                                                 "seed": 0, "bits": 2}},
+            {"method": "lsq", "bits": 1, "seed": 0, "tuning": {"choice": {}}},
+            {"method": "lsq", "bits": 2, "seed": 0, "tuning": {"choice": {"lr": 0.003}}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choices = read_choices(path, [("qareg", 0.75), ("qareg", 4), ("lsq", 2)])
+    assert choices[("qareg", 0.75)] == choices[("qareg", 4)] == {"lam": 0.1}
+    with pytest.raises(ConfigError, match="no tuned row for lsq at 4 bits"):
+        read_choices(path, [("lsq", 4)])  # two choices made: which one is unclear

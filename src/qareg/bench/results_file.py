@@ -55,13 +55,18 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 def read_choices(path: Path, needed: list[tuple[str, int]]) -> dict[tuple[str, int], Any]:
     """The tuning choice made in results file `path` for each (method, bits) of `needed`
     (from its rows that record one: tuned there, or trained with a choice made at another
-    width). A pair it lacks is an error, raised now."""
-    choices: dict[tuple[str, int], Any] = {}
+    width); a width the file lacks takes the method's choice if the file made only one for
+    it (a bench tuned at one width). A pair left without a choice is an error, raised now."""
+    choices: dict[tuple[str, int | float], Any] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         tuning = row.get("tuning") or {}
         if "choice" in tuning and "from" not in tuning:
             choices[(row["method"], bits_key(row["bits"]))] = tuning["choice"]
+    for method, bits in needed:
+        made = {json.dumps(c, sort_keys=True): c for (m, _), c in choices.items() if m == method}
+        if (method, bits) not in choices and len(made) == 1:
+            choices[(method, bits)] = next(iter(made.values()))
     missing = [f"{method} at {bits} bits" for method, bits in needed
                if (method, bits) not in choices]
     if missing:

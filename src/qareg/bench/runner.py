@@ -18,10 +18,11 @@ where it stopped: runs already in the file are not rerun. The reference row (the
 that does not quantize, `fp`) has bits 32.
 
 Tuning (`tune_trials` N > 0): every method that trains gets the same N trials, the first N
-candidates of its `search_space`, on the first seed; the one with the best accuracy on the
-validation split after conversion is reported for that seed and trained again for the
-others. Each row records the trials and the choice. The test split is read once per row,
-after its choice is made.
+candidates of its `search_space`, on the first seed (at every width, or at `tune_bits`
+only); the one with the best accuracy on the validation split after conversion is reported
+for that seed and trained again for the others (and the other widths). `tuning_from` trains
+the choices another bench's tuning made. Each row records the trials and the choice. The
+test split is read once per row, after its choice is made.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class Bench:
         self.borrowed = None  # (method, bits) -> choice, from config.tuning_from
         if config.tuning_from is not None:
             self.borrowed = read_choices(Path(config.tuning_from), [
-                (name, bits) for name in config.tuned_methods() for bits in config.bits])
+                (name, bits) for name in config.tuned_methods() for bits in config.bits
+                if config.runs_at(name, bits)])
 
     def planned(self) -> list[RunKey]:
         """Every run of the bench, in the order it is run (the reference first per seed)."""
