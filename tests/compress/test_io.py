@@ -213,3 +213,19 @@ def test_truncated_files(saved, cut):
     saved.write_bytes(data[:cut])
     with pytest.raises(CompressedFileError):
         load_compressed(saved)
+
+
+def test_float16_raw_tensors_halve_them_and_load_close(tmp_path):
+    model = converted("cnn4", 4)  # batch norm: many raw tensors, and an int64 counter
+    full = save_compressed(model, tmp_path / "a.qz")
+    half = save_compressed(model, tmp_path / "b.qz", raw_dtype="float16")
+    integer_bytes = sum(v.nbytes for k, v in model.state_dict().items()
+                        if not v.is_floating_point())
+    assert half.raw_bytes - integer_bytes == (full.raw_bytes - integer_bytes) // 2
+    assert half.index_bytes == full.index_bytes and half.file_bytes < full.file_bytes
+    loaded = load_compressed(tmp_path / "b.qz").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ConfigError, match="raw_dtype must be one of float32, float16"):
+        save_compressed(model, tmp_path / "c.qz", raw_dtype="bfloat16")

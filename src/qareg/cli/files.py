@@ -75,6 +75,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--codebook-dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the codebooks; loaded weights then differ slightly")
+    p.add_argument("--raw-dtype", choices=("float32", "float16"), default="float32",
+                   help="float16 halves biases and batch norm (stored as they are); loaded "
+                   "values then differ slightly")
     p.add_argument("--no-entropy-coding", action="store_true",
                    help="bit-pack every index stream (by default range coding is used "
                    "wherever it is smaller)")
@@ -174,6 +177,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint!r} is not quantized yet: run `qareg quantize "
                           f"{args.checkpoint} --out QUANTIZED.pt` and compress that")
     info = save_compressed(model, args.out, codebook_dtype=args.codebook_dtype,
+                           raw_dtype=args.raw_dtype,
                            entropy_coding=not args.no_entropy_coding,
                            meta={**meta, "compressed_from": args.checkpoint})
     say(info.format_table())

@@ -82,17 +82,20 @@ def save_compressed(
     codebook_dtype: str = "float32",
     entropy_coding: bool = True,
     meta: dict[str, Any] | None = None,
+    raw_dtype: str = "float32",
 ) -> CompressedInfo:
     """Write converted `model` (every quantized tensor snapped by `qareg.convert`) to `path`.
 
     Each index stream is bit-packed at ceil(log2 k) bits, or range coded where
-    `entropy_coding` is on and that is smaller. float16 codebooks halve the codebook bytes
-    but the loaded weights then differ from `model`'s by float16 rounding. `meta` (JSON
-    values) is stored with the file's provenance.
+    `entropy_coding` is on and that is smaller. float16 codebooks halve the codebook bytes,
+    and a float16 `raw_dtype` the floating-point tensors stored as they are (biases, batch
+    norm; a fifth of a small network's file), but the loaded network then differs from
+    `model` by float16 rounding. `meta` (JSON values) is stored with the file's provenance.
     """
-    if codebook_dtype not in CODEBOOK_DTYPES:
-        raise ConfigError(f"codebook_dtype must be one of {', '.join(CODEBOOK_DTYPES)}, "
-                          f"got {codebook_dtype!r}")
+    for name, value in (("codebook_dtype", codebook_dtype), ("raw_dtype", raw_dtype)):
+        if value not in CODEBOOK_DTYPES:
+            raise ConfigError(f"{name} must be one of {', '.join(CODEBOOK_DTYPES)}, got "
+                              f"{value!r}")
     quantized = quantized_tensors(model)
     if not quantized:
         raise ConfigError("the model has no codebooks: prepare and convert it first")
@@ -122,11 +125,18 @@ def save_compressed(
         contents.codebooks[t.name] = values.to(CODEBOOK_DTYPES[codebook_dtype])
         contents.streams[t.name] = torch.from_numpy(stream)
         skip.add(t.name)
-    contents.raw = {key: value.detach().cpu() for key, value in model.state_dict().items()
-                    if key not in skip}
+    contents.raw = {key: _stored_raw(value.detach().cpu(), raw_dtype)
+                    for key, value in model.state_dict().items() if key not in skip}
     data = _format2_bytes(contents)
     atomic_write(path, lambda f: f.write(data))
     return contents.info(len(data))
+
+
+def _stored_raw(value: torch.Tensor, raw_dtype: str) -> torch.Tensor:
+    """`value` as stored: float32 tensors in `raw_dtype`, anything else as it is."""
+    if value.dtype == torch.float32:
+        return value.to(CODEBOOK_DTYPES[raw_dtype])
+    return value
 
 
 def _format2_bytes(contents: FileContents) -> bytes:
