@@ -69,8 +69,10 @@ import qareg
 from qareg import penalty_cpu
 from qareg.bench import append_row
 from qareg.constants import DEFAULT_LAYERS
+from qareg.methods import create_method
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
+from qareg.rate import model_rate_bits
 
 
 def numba_layer() -> str | None:
@@ -81,7 +83,8 @@ def numba_layer() -> str | None:
         return None
 
 
-CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_soft", "dkm")
+CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_rate", "qareg_soft", "dkm",
+           "lsq")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain
 
 
@@ -105,6 +108,8 @@ def build(config: str, args: argparse.Namespace) -> tuple[nn.Module, torch.optim
     model = qareg.create_model(args.model, 10, 3, 32)
     if config.startswith("qareg"):
         qareg.prepare(model, args.k, init=args.init, seed=args.seed)
+    elif config == "lsq":  # LSQ's quantizers at log2(k) bits: the rival step of issue 17
+        create_method("lsq").prepare(model, max(1, (args.k - 1).bit_length()), args.seed)
     elif config == "dkm":
         for module in list(model.modules()):
             if isinstance(module, DEFAULT_LAYERS):
@@ -120,10 +125,14 @@ def train_step(config: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     torch_kernels = config == "qareg_torch"
     with (mock.patch.object(penalty_cpu, "supports", lambda weights: False) if torch_kernels
           else nullcontext()):
-        with qareg.straight_through(model) if config == "qareg_snapped" else nullcontext():
+        snapped = config in ("qareg_snapped", "qareg_rate")
+        with qareg.straight_through(model) if snapped else nullcontext():
             task = F.cross_entropy(model(x), y)
         if config in ("qareg", "qareg_torch", "qareg_snapped"):
             loss = task + lam * qareg.penalty(model)
+        elif config == "qareg_rate":  # qareg's step with the rate term of issue 17
+            rate = model_rate_bits(qareg.quantize.quantized_tensors(model), 0.05)
+            loss = task + lam * (qareg.penalty(model) + rate)
         elif config == "qareg_soft":
             loss = task + lam * qareg.penalty(model, "soft")
         else:
