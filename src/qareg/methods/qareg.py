@@ -8,7 +8,8 @@ from the task too. After training the codebooks stay and `qareg.convert` snaps t
 
 With `snapped_fraction=0` and a large lambda this is the seed paper's method, the
 regularizer alone. The defaults (lambda 1 with a linear ramp, snapped forward passes for
-the whole run) were chosen on the validation split: BENCHMARKS.md, "Snapped forward passes".
+the whole run) were chosen on the validation split: BENCHMARKS.md, "qareg: snapped
+forward passes".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - `qareg-reg`: the regularizer alone, the seed paper's method (Malchiodi, Ferraretto and
   Frasca): learnable codebooks pulled together by the penalty, forward passes through the
   latent weights, lambda ramped linearly to 1000 (its default until snapped forward passes
-  were measured; BENCHMARKS.md, "Which regularizer variant is the default").
+  were measured; BENCHMARKS.md, "qareg: which regularizer variant").
 - `qareg-ste`: snapped forward passes with learned codebooks and no regularizer (lambda 0).
 
 `qareg` itself, the default, is both together (methods/qareg.py).
