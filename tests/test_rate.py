@@ -73,3 +73,25 @@ def test_qareg_adds_the_weighted_rate_to_its_regularizer():
         expected.item(), rel=1e-6)
     with pytest.raises(qareg.errors.ConfigError, match="rate_temperature"):
         create_method("qareg", {"rate": 1.0, "rate_temperature": 0.0})
+
+
+@pytest.mark.parametrize("k", [2, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype):
+    from qareg.rate import torch_rate_bits
+    from qareg.rate_cpu import compiled_rate_bits
+
+    g = torch.Generator().manual_seed(k)
+    base = (torch.randn(70_000, generator=g) * 0.3).to(dtype)  # parallel passes too
+    reps = torch.sort(torch.randn(k, generator=g)).values.to(dtype)
+    scale, temperature = 0.7, 0.05
+    results = []
+    for rate in (torch_rate_bits, compiled_rate_bits):
+        w, c = base.clone().requires_grad_(), reps.clone().requires_grad_()
+        bits = rate(w, c, scale, temperature)
+        (2.5 * bits).backward()
+        results.append((bits.detach(), w.grad, c.grad))
+    # float64: the same to rounding; float32: torch sums in float32, the passes in float64
+    rtol, atol = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)

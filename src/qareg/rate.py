@@ -49,10 +49,21 @@ def entropy_bits(usage: Tensor) -> Tensor:
     return -(usage * safe.log()).sum() / math.log(2)
 
 
+def torch_rate_bits(weights: Tensor, representatives: Tensor, scale: Tensor | float = 1.0,
+                    temperature: float = 0.05) -> Tensor:
+    """`rate_bits` through torch operations: any device and dtype (the reference)."""
+    return entropy_bits(soft_usage(weights, representatives, scale, temperature))
+
+
 def rate_bits(weights: Tensor, representatives: Tensor, scale: Tensor | float = 1.0,
               temperature: float = 0.05) -> Tensor:
-    """Estimated index bits per weight of one tensor (differentiable; see the module)."""
-    return entropy_bits(soft_usage(weights, representatives, scale, temperature))
+    """Estimated index bits per weight of one tensor (differentiable; see the module):
+    compiled passes on the CPU (`qareg.rate_cpu`), torch operations elsewhere."""
+    from qareg import rate_cpu  # numba, only when used
+
+    if rate_cpu.supports(weights):
+        return rate_cpu.compiled_rate_bits(weights, representatives, float(scale), temperature)
+    return torch_rate_bits(weights, representatives, scale, temperature)
 
 
 def model_rate_bits(tensors: list, temperature: float) -> Tensor:
