@@ -19,7 +19,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from qareg.nearest import assign
+from qareg.nearest import assign, index_dtype
 from qareg.nearest_cpu import supports, thread_plan
 
 
@@ -87,13 +87,13 @@ class CompiledRate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: Tensor, representatives: Tensor, scale: float,
                 temperature: float) -> Tensor:
-        w = weights.detach().reshape(-1)
+        w = weights.detach().reshape(-1).contiguous()
         c = representatives.detach().to(w.dtype)
-        nearest = assign(w, c).to(torch.int32)
+        nearest = assign(w, c).to(index_dtype(c.numel()))  # 1 byte a weight for k <= 256
         inv = 1.0 / (scale * scale * temperature)
         _, parts = thread_plan(w.numel())
-        w_np, c_np = w.double().numpy(), c.double().numpy()
-        counts = soft_counts(w_np, c_np, nearest.numpy(), inv, parts)
+        c_np = c.double().numpy()  # the weights stay in their dtype: no copy
+        counts = soft_counts(w.numpy(), c_np, nearest.numpy(), inv, parts)
         q = counts / max(1, w.numel())
         used = q > 0
         bits = float(-(q[used] * np.log2(q[used])).sum())
@@ -105,15 +105,15 @@ class CompiledRate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, upstream: Tensor) -> tuple[Tensor | None, ...]:
         weights, representatives, nearest = ctx.saved_tensors
-        w = weights.detach().reshape(-1).double().numpy()
-        c = representatives.detach().double().numpy()
+        w = weights.detach().reshape(-1).contiguous().numpy()
+        c = representatives.detach().to(weights.dtype).double().numpy()
         q = ctx.q
         g = np.where(q > 0, -(np.log2(np.maximum(q, 1e-300)) + 1.0 / math.log(2)), 0.0)
         g = g / max(1, w.size)
         grad_w = np.empty_like(w)
         grad_c = rate_gradients(w, c, nearest.numpy(), g, ctx.inv, float(upstream), grad_w,
                                 ctx.parts)
-        return (torch.from_numpy(grad_w).to(weights.dtype).reshape(weights.shape),
+        return (torch.from_numpy(grad_w).reshape(weights.shape),
                 torch.from_numpy(grad_c).to(representatives.dtype), None, None)
 
 
