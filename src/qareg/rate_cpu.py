@@ -31,12 +31,17 @@ def _other(w: float, c: np.ndarray, a: int) -> int:
 
 
 @njit(inline="always")
-def _share(w: float, ca: float, cb: float, inv: float) -> float:
-    z = ((w - cb) * (w - cb) - (w - ca) * (w - ca)) * inv
+def _split(w: float, c: np.ndarray, a: int, inv: float) -> tuple[int, float]:
+    """(b, p): the representative across w from its nearest a, and a's share p (b == a:
+    no other side, p = 1)."""
+    b = _other(w, c, a)
+    if b == a:
+        return b, 1.0
+    z = ((w - c[b]) * (w - c[b]) - (w - c[a]) * (w - c[a])) * inv
     if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
+        return b, 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
-    return e / (1.0 + e)
+    return b, e / (1.0 + e)
 
 
 @njit(parallel=True, cache=True)
@@ -49,13 +54,9 @@ def soft_counts(w: np.ndarray, c: np.ndarray, nearest: np.ndarray, inv: float,
     for part in prange(parts):
         for i in range(part * n // parts, (part + 1) * n // parts):
             a = nearest[i]
-            b = _other(w[i], c, a)
-            if b == a:
-                partial[part, a] += 1.0
-                continue
-            p = _share(w[i], c[a], c[b], inv)
+            b, p = _split(w[i], c, a, inv)
             partial[part, a] += p
-            partial[part, b] += 1.0 - p
+            partial[part, b] += 1.0 - p  # b == a: adds 0
     return partial.sum(axis=0)
 
 
@@ -69,11 +70,7 @@ def rate_gradients(w: np.ndarray, c: np.ndarray, nearest: np.ndarray, g: np.ndar
     for part in prange(parts):
         for i in range(part * n // parts, (part + 1) * n // parts):
             a = nearest[i]
-            b = _other(w[i], c, a)
-            if b == a:
-                grad_w[i] = 0.0
-                continue
-            p = _share(w[i], c[a], c[b], inv)
+            b, p = _split(w[i], c, a, inv)
             factor = scale_by * (g[a] - g[b]) * p * (1.0 - p) * 2.0 * inv
             grad_w[i] = factor * (c[a] - c[b])
             partial[part, a] += factor * (w[i] - c[a])
