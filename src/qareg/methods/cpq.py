@@ -66,7 +66,7 @@ class CPQConfig(QuantizerOptions):
     drop_rate: float = 0.1  # probability that a gate is closed at the start, in (0, 0.5]
     lam_bits: float = 0.0  # weight of the L0 penalty on the gates; 0: gates frozen, b bits kept
     gate_lr_scale: float = 1.0  # learning rate of the gates' log-alphas, relative (lam_bits > 0)
-    activations: bool = False  # quantize layer inputs too: not implemented (raises)
+    activations: bool = False  # CPQ's own activation path: not implemented (use act_bits)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,9 +77,10 @@ class CPQConfig(QuantizerOptions):
         check_float("gate_lr_scale", self.gate_lr_scale, 0.0, low_open=True)
         check_bool("activations", self.activations)
         if self.activations:
-            raise ConfigError("activations=True is not implemented for cpq: the harness ends "
-                              "every method in a plain network of quantized weights, with no "
-                              "place for activation quantizers; use activations=False")
+            raise ConfigError("activations=True (CPQ's own activation path) is not "
+                              "implemented; quantize activations with --act-bits A "
+                              "(TrainConfig.act_bits: learned-step input quantizers, any "
+                              "method) and activations=False")
         if self.lam_bits > 0 and not self.dropbits:
             raise ConfigError(f"lam_bits={self.lam_bits} needs dropbits=True: bit-widths are "
                               "learned through the DropBits gates; set lam_bits=0 or "
