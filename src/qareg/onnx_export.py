@@ -44,10 +44,8 @@ def _pair(value: Any) -> list[int]:
 class GraphBuilder:
     """Collects ONNX nodes and initializers while walking a traced network."""
 
-    def __init__(self, model: nn.Module, indices: dict[str, tuple[np.ndarray, np.ndarray]]
-                 ) -> None:
+    def __init__(self, indices: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         self.onnx = _onnx()
-        self.model = model
         self.indices = indices  # weight name -> (codebook float32, indices int)
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
@@ -216,7 +214,7 @@ def build_model(model: nn.Module, indices: dict[str, tuple[np.ndarray, np.ndarra
         traced = torch.fx.symbolic_trace(model)
     except Exception as error:  # tracing errors of all kinds
         raise ConfigError(f"ONNX export: torch.fx cannot trace the model: {error}") from None
-    builder, values = GraphBuilder(model, indices), {}
+    builder, values = GraphBuilder(indices), {}
     modules = dict(traced.named_modules())
     for node in traced.graph.nodes:
         args = [values.get(a, a) for a in node.args]
