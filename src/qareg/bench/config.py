@@ -34,14 +34,20 @@ def _check_names(name: str, values: Any, valid: list[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _check_ints(name: str, values: Any, check: Callable[[Any], Any]) -> tuple[int, ...]:
+def _seed(value: Any) -> int:
+    check_int("seed", value, 0)
+    return value
+
+
+def _check_numbers(name: str, values: Any, check: Callable[[Any], Any], what: str
+                   ) -> tuple[Any, ...]:
+    """`values`, a non-empty list of distinct `what`, each as `check` returns it."""
     if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
-        raise ConfigError(f"{name} must be a non-empty list of integers, got {values!r}")
-    for value in values:
-        check(value)
-    if len(set(values)) != len(values):
+        raise ConfigError(f"{name} must be a non-empty list of {what}, got {values!r}")
+    checked = tuple(check(value) for value in values)
+    if len(set(checked)) != len(checked):
         raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
-    return tuple(values)
+    return checked
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,9 @@ class BenchConfig:
                     lr=self.pretrain_lr, device=self.device)
         valid = [m for m in list_methods() if METHODS.get(m).quantizes]
         object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
-        object.__setattr__(self, "bits", tuple(sorted(
-            check_bits_or_budget(b) for b in _check_ints("bits", self.bits, lambda b: b))))
-        object.__setattr__(self, "seeds", _check_ints(
-            "seeds", self.seeds, lambda s: check_int("seed", s, 0)))
+        object.__setattr__(self, "bits", tuple(sorted(_check_numbers(
+            "bits", self.bits, check_bits_or_budget, "bit-widths (or fractional budgets)"))))
+        object.__setattr__(self, "seeds", _check_numbers("seeds", self.seeds, _seed, "integers"))
         check_int("pretrain_epochs", self.pretrain_epochs, 0)
         check_float("pretrain_lr", self.pretrain_lr, 0, low_open=True)
         if self.lr is not None:
