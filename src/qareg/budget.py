@@ -120,6 +120,11 @@ def meet_budget(model: nn.Module, bits_per_weight: float,
     bytes per tensor of it)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
     tensors = require_codebooks(model)
+    grouped = [t.name for t in tensors if not t.codebook.plain]
+    if grouped:
+        raise ConfigError(f"a size budget needs plain codebooks; {', '.join(grouped[:5])} "
+                          "have groups or channel scales (use group_size 0 and no "
+                          "channel_scale with a budget)")
     sensitivity = dict(sensitivity or {})
     for name, value in sensitivity.items():
         check_float(f"sensitivity[{name!r}]", value, 0)

@@ -16,6 +16,14 @@ step did, representatives are never used out of order and never collapse onto on
 A codebook made with `zero=True` pins one representative at exactly 0 (the one nearest to
 0, set to 0 by every `project_()`): weights snapped to it are exact zeros, which prunes
 them and skews index usage toward one value that the range coder stores cheaply.
+
+Grouped (`qareg.channel_groups`): a codebook made with `groups` > 1 holds one row of k
+representatives per group of output channels, `normalized` then being (G, k); one made with
+`channels` keeps a fixed per-channel scale s_c (each channel's RMS at fit), and channel c's
+weights are s_c times a representative. Both cost bytes in the file (G * k values, C
+scales) and buy a closer fit for layers whose channels differ in range. `assign`,
+`dequantize` and `split` hide the difference from callers; a plain codebook (one group, no
+scales) is exactly the codebook above.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qareg.channel_groups import channel_view, group_bounds, lookup
 from qareg.cluster1d import initial_representatives
 from qareg.nearest import assign
 
@@ -38,6 +47,27 @@ def rms_scale(values: Tensor) -> float:
     return rms if rms > 0 else 1.0
 
 
+def channel_rms(values: Tensor) -> Tensor:
+    """(C,) root mean square of each output channel (first dimension) of `values`, 1.0 for a
+    channel that is all zero."""
+    rms = values.detach().double().reshape(values.shape[0], -1).square().mean(1).sqrt()
+    return torch.where(rms > 0, rms, torch.ones_like(rms)).float()
+
+
+def _projected(row: Tensor, zero: bool) -> Tensor:
+    """`row` (k,) sorted, with gaps of at least MIN_GAP (more for large values), one value
+    pinned at 0 when `zero`: `Codebook.project_` for one row."""
+    ordered = row.double().sort().values
+    gap = MIN_GAP * ordered.abs().max().clamp(min=1.0)
+    if not zero:
+        return _spread_up(ordered, gap)
+    j = int(ordered.abs().argmin())  # pinned: 0, the others spread away from it
+    ordered[j] = 0.0
+    above = _spread_up(ordered[j:], gap)
+    below = -_spread_up(-ordered[:j + 1].flip(0), gap).flip(0)
+    return torch.cat([below[:-1], above])
+
+
 def _spread_up(ordered: Tensor, gap: Tensor) -> Tensor:
     """Sorted `ordered` with each value at least `gap` above the previous one, moving each
     only up and only as far as needed (the first stays put)."""
@@ -48,34 +78,58 @@ def _spread_up(ordered: Tensor, gap: Tensor) -> Tensor:
 class Codebook(nn.Module):
     """k learnable representatives for one tensor, kept sorted and distinct."""
 
-    def __init__(self, k: int, scale: float = 1.0, zero: bool = False) -> None:
+    def __init__(self, k: int, scale: float = 1.0, zero: bool = False, groups: int = 1,
+                 channels: int = 0) -> None:
         super().__init__()
-        assert k >= 2, f"a codebook needs k >= 2, got {k}"
+        assert k >= 2 and groups >= 1, f"a codebook needs k >= 2 and groups >= 1, got {k}, {groups}"
         self.zero = zero  # one representative pinned at exactly 0 (set again by prepare)
-        # (k,) representatives divided by `scale`; the learnable part.
-        self.normalized = nn.Parameter(torch.arange(k, dtype=torch.float32))
+        # (k,) representatives divided by `scale`, or (G, k) when grouped; the learnable part.
+        start = torch.arange(k, dtype=torch.float32)
+        self.normalized = nn.Parameter(start if groups == 1 else start.repeat(groups, 1))
         # Scale of the tensor when the codebook was made (its RMS); fixed, not learned.
         self.register_buffer("scale", torch.tensor(float(scale)))
+        # (C,) fixed per-channel scales, or None: weights are channel_scale[c] * a value
+        self.register_buffer("channel_scale", torch.ones(channels) if channels else None)
         self.project_()
 
     @classmethod
     def fit(
         cls, values: Tensor, k: int, init: str = "kmeans-exact",
-        generator: torch.Generator | None = None, zero: bool = False,
+        generator: torch.Generator | None = None, zero: bool = False, groups: int = 1,
+        channel_scale: bool = False,
     ) -> Codebook:
         """A codebook for `values`, initialised by one of `qareg.cluster1d.INITS` (with
-        `zero`, the representative nearest to 0 then moved to 0)."""
-        scale = rms_scale(values)
-        codebook = cls(k, scale, zero)
-        start = initial_representatives(values, k, init, generator) / scale
+        `zero`, the representative nearest to 0 then moved to 0); with `groups` > 1 one row
+        per group of output channels, each fitted to its group; with `channel_scale`, fitted
+        to the values divided by their channel's RMS."""
+        channels = values.shape[0] if channel_scale else 0
+        codebook = cls(k, 1.0, zero, groups, channels)
+        if channel_scale:
+            codebook.channel_scale.copy_(channel_rms(values).to(codebook.channel_scale))
+        normalized = codebook.normalize(values.detach())
+        scale = rms_scale(normalized)
+        codebook.scale.fill_(scale)
+        rows = [initial_representatives(part, k, init, generator) / scale
+                for part in codebook.split(normalized)]
         with torch.no_grad():
-            codebook.normalized.copy_(start.float())
+            codebook.normalized.copy_(torch.stack(rows).reshape(codebook.normalized.shape)
+                                      .float())
         codebook.project_()
         return codebook.to(values.device)
 
     @property
     def k(self) -> int:
-        return self.normalized.numel()
+        return self.normalized.shape[-1]
+
+    @property
+    def groups(self) -> int:
+        """Rows of representatives: one per group of output channels."""
+        return 1 if self.normalized.ndim == 1 else self.normalized.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        """One row of representatives and no per-channel scales."""
+        return self.groups == 1 and self.channel_scale is None
 
     @property
     def bits(self) -> int:
@@ -83,8 +137,30 @@ class Codebook(nn.Module):
         return max(1, math.ceil(math.log2(self.k)))
 
     def representatives(self) -> Tensor:
-        """(k,) representatives in the tensor's units; differentiable."""
+        """(k,) representatives in the tensor's units, or (G, k) when grouped, in units of
+        the channel scales when it has them; differentiable."""
         return self.normalized * self.scale
+
+    def normalize(self, values: Tensor) -> Tensor:
+        """`values` divided by their channel's scale (as they are without channel scales);
+        differentiable."""
+        if self.channel_scale is None:
+            return values
+        return values / channel_view(self.channel_scale.to(values), values.ndim)
+
+    def split(self, values: Tensor) -> list[Tensor]:
+        """`values` (the tensor's shape) as one part per group of output channels."""
+        if self.groups == 1:
+            return [values]
+        return [values[first:end] for first, end in group_bounds(values.shape[0], self.groups)]
+
+    def parts(self, values: Tensor) -> list[tuple[Tensor, Tensor, float]]:
+        """(normalized part, its representatives, its share of the entries) per group: what
+        a per-tensor function (penalty, rate) sees of a grouped codebook."""
+        table = self.representatives().reshape(self.groups, self.k)
+        parts = self.split(self.normalize(values))
+        return [(part, row, part.numel() / max(1, values.numel()))
+                for part, row in zip(parts, table, strict=True)]
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -94,26 +170,35 @@ class Codebook(nn.Module):
         as far as needed; representatives already in order with room between them stay put.
         The gap grows with the largest |c| so that it stays many float32 steps wide.
         """
-        ordered = self.normalized.double().sort().values
-        gap = MIN_GAP * ordered.abs().max().clamp(min=1.0)
-        if not self.zero:
-            self.normalized.copy_(_spread_up(ordered, gap))
+        if self.groups == 1:
+            self.normalized.copy_(_projected(self.normalized, self.zero))
             return
-        j = int(ordered.abs().argmin())  # pinned: 0, the others spread away from it
-        ordered[j] = 0.0
-        above = _spread_up(ordered[j:], gap)
-        below = -_spread_up(-ordered[:j + 1].flip(0), gap).flip(0)
-        self.normalized.copy_(torch.cat([below[:-1], above]))
+        for row in self.normalized:
+            row.copy_(_projected(row, self.zero))
 
     def assign(self, values: Tensor) -> Tensor:
         """Index of the nearest representative for every value of `values` (the rule of
-        `qareg.nearest`)."""
-        return assign(values, self.representatives())
+        `qareg.nearest`; per group, in channel-scale units, when grouped)."""
+        if self.plain:
+            return assign(values, self.representatives())
+        table = self.representatives().detach().reshape(self.groups, self.k)
+        parts = self.split(self.normalize(values.detach()))
+        return torch.cat([assign(part, row.to(part))
+                          for part, row in zip(parts, table, strict=True)])
+
+    def dequantize(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The values `indices` (the tensor's shape) stand for, in `dtype`, exactly as a
+        compressed file decodes them (`qareg.channel_groups.lookup`); no gradient."""
+        with torch.no_grad():
+            scales = None if self.channel_scale is None else self.channel_scale.to(dtype)
+            return lookup(self.representatives().to(dtype), indices, scales)
 
     def quantize(self, values: Tensor) -> Tensor:
         """`values` with each entry replaced by its nearest representative (no gradient)."""
-        with torch.no_grad():
-            return self.representatives().to(values.dtype)[self.assign(values)]
+        return self.dequantize(self.assign(values), values.dtype)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, scale={self.scale.item():.4g}" + (", zero" if self.zero else "")
+        grouped = (f", groups={self.groups}" if self.groups > 1 else "") + (
+            ", channel scales" if self.channel_scale is not None else "")
+        return (f"k={self.k}, scale={self.scale.item():.4g}" + grouped
+                + (", zero" if self.zero else ""))

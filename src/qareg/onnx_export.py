@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qareg.channel_groups import channel_view, row_offsets
 from qareg.checkpoint import atomic_write
 from qareg.compress.io import decode_indices, load_compressed, read_contents
 from qareg.errors import ConfigError
@@ -46,7 +47,8 @@ class GraphBuilder:
 
     def __init__(self, indices: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         self.onnx = _onnx()
-        self.indices = indices  # weight name -> (codebook float32, indices int)
+        # weight name -> (codebook (k,) or (G, k) float32, indices int, channel scales or None)
+        self.indices = indices
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.count = 0
@@ -103,17 +105,26 @@ class GraphBuilder:
         self.built.add(name)
         if name not in self.indices:
             return self.constant(name, tensor.detach().cpu().float().numpy())
-        codebook, index = self.indices[name]
-        k = codebook.size
-        self.constant(f"{name}.codebook", codebook.astype(np.float32))
+        codebook, index, scales = self.indices[name]
+        k = codebook.shape[-1]
+        self.constant(f"{name}.codebook", codebook.reshape(-1).astype(np.float32))
         if k <= 16:
             wide = self.packed_indices(name, index, 1 if k <= 2 else 2 if k <= 4 else 4)
         else:
             stored = self.constant(f"{name}.indices",
                                    index.astype(np.uint8 if k <= 256 else np.uint16))
             wide = self.node("Cast", [stored], f"{name}.index", to=self.onnx.TensorProto.INT32)
+        if codebook.ndim == 2:  # grouped: each channel reads its group's row of the table
+            offsets = row_offsets(index.shape[0], *codebook.shape)
+            wide = self.node("Add", [wide, self.constant(f"{name}.offsets", channel_view(
+                offsets, index.ndim).numpy().astype(np.int32))], f"{name}.row")
+        gathered = name if scales is None else f"{name}.unscaled"
         self.nodes.append(self.onnx.helper.make_node(
-            "Gather", [f"{name}.codebook", wide], [name], name=name, axis=0))
+            "Gather", [f"{name}.codebook", wide], [gathered], name=gathered, axis=0))
+        if scales is not None:
+            self.nodes.append(self.onnx.helper.make_node("Mul", [gathered, self.constant(
+                f"{name}.channel_scale", channel_view(torch.from_numpy(scales), index.ndim)
+                .numpy().astype(np.float32))], [name], name=name))
         return name
 
     def parameters(self, prefix: str, module: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -265,7 +276,9 @@ def onnx_model(path: str | Path, *, model: nn.Module | None = None,
     if quantized:
         for e in contents.entries:
             index = decode_indices(path, e, contents.streams[e["name"]]).numpy()
-            indices[e["name"]] = (contents.codebooks[e["name"]].float().numpy(), index)
+            scales = contents.channel_scales.get(e["name"])
+            indices[e["name"]] = (contents.codebooks[e["name"]].float().numpy(), index,
+                                  None if scales is None else scales.float().numpy())
     return build_model(dense, indices, tuple(input_shape))
 
 

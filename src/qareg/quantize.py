@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qareg.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from qareg.channel_groups import group_bounds, group_count
 from qareg.codebook import Codebook
 from qareg.constants import CODEBOOK_SUFFIX, DEFAULT_LAYERS, MAX_K
 from qareg.errors import ConfigError, NotPreparedError, QaregWarning
@@ -127,6 +128,8 @@ def prepare(
     init: str = "kmeans-exact",
     seed: int = 0,
     zero: bool = False,
+    group_size: int = 0,
+    channel_scale: bool = False,
 ) -> nn.Module:
     """Attach a learnable codebook of `k` representatives to each chosen tensor; returns `model`.
 
@@ -150,15 +153,25 @@ def prepare(
         tensor_k = _first_match(name, k_per_tensor) or k
         if hasattr(module, attribute + CODEBOOK_SUFFIX):
             raise ConfigError(f"tensor {name!r} already has a codebook: prepare was called twice")
-        if tensor_k > param.numel():
+        if (group_size or channel_scale) and param.ndim == 0:
+            raise ConfigError(f"tensor {name!r} is a scalar: it has no output channels to "
+                              "group or scale")
+        groups = group_count(param.shape[0], group_size) if group_size else 1
+        smallest = param.numel()  # entries of its smallest group
+        if groups > 1:
+            channels = min(end - first for first, end in group_bounds(len(param), groups))
+            smallest = channels * (param.numel() // len(param))
+        if tensor_k > smallest:
             raise ConfigError(
-                f"k={tensor_k} is larger than tensor {name!r} with {param.numel()} entries; "
-                f"k must be at most the number of entries"
+                f"k={tensor_k} is larger than tensor {name!r} with {smallest} entries"
+                + (" in its smallest group" if groups > 1 else "")
+                + "; k must be at most the number of entries"
             )
-        plan.append((module, attribute, param, tensor_k))
+        plan.append((module, attribute, param, tensor_k, groups))
     generator = torch.Generator().manual_seed(seed)
-    for module, attribute, param, tensor_k in plan:  # validated first: all or nothing
-        codebook = Codebook.fit(param, tensor_k, init, generator, zero=zero)
+    for module, attribute, param, tensor_k, groups in plan:  # validated: all or nothing
+        codebook = Codebook.fit(param, tensor_k, init, generator, zero=zero, groups=groups,
+                                channel_scale=channel_scale)
         module.add_module(attribute + CODEBOOK_SUFFIX, codebook)
     return model
 
@@ -175,7 +188,10 @@ def prepare_like(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
         if name not in candidates:
             raise ConfigError(f"state dict has a codebook for {name!r}, which the model lacks")
         module, attribute, param = candidates[name]
-        codebook = Codebook(value.numel()).to(param.device)
+        scales = state_dict.get(key[: -len(".normalized")] + ".channel_scale")
+        groups = value.shape[0] if value.ndim == 2 else 1
+        codebook = Codebook(value.shape[-1], groups=groups,
+                            channels=0 if scales is None else scales.numel()).to(param.device)
         module.add_module(attribute + CODEBOOK_SUFFIX, codebook)
     return model
 
@@ -201,9 +217,14 @@ def penalty_terms(
     terms = {}
     for t in require_codebooks(model):
         t.codebook.project_()
-        terms[t.name] = tensor_penalty(
-            variant, t.weight, t.codebook.representatives(), t.codebook.scale, temperature
-        )
+        if t.codebook.plain:
+            terms[t.name] = tensor_penalty(
+                variant, t.weight, t.codebook.representatives(), t.codebook.scale, temperature
+            )
+            continue
+        terms[t.name] = sum(  # grouped: each group's term, weighted by its share
+            share * tensor_penalty(variant, part, row, t.codebook.scale, temperature)
+            for part, row, share in t.codebook.parts(t.weight))
     return terms
 
 
@@ -310,7 +331,7 @@ def convert(
         t.codebook.project_()
         weight = t.weight
         indices = t.codebook.assign(weight)
-        snapped = t.codebook.representatives().to(weight.dtype)[indices]
+        snapped = t.codebook.dequantize(indices, weight.dtype)
         mse = (weight - snapped).double().square().mean().item()
         mean_square = weight.double().square().mean().item()
         weight.copy_(snapped)

@@ -71,8 +71,8 @@ def model_rate_bits(tensors: list, temperature: float) -> Tensor:
     weights (`tensors`: `qareg.quantize.quantized_tensors(model)`)."""
     total, count = None, 0
     for t in tensors:
-        bits = rate_bits(t.weight, t.codebook.representatives(), t.codebook.scale, temperature)
-        term = bits * t.weight.numel()
+        term = sum(rate_bits(part, row, t.codebook.scale, temperature) * part.numel()
+                   for part, row, _ in t.codebook.parts(t.weight))
         total = term if total is None else total + term
         count += t.weight.numel()
     return total / max(1, count)

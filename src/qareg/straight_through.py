@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from qareg.channel_groups import channel_view
 from qareg.codebook import Codebook
 from qareg.nearest import assign, index_dtype
 from qareg.quantize import require_codebooks
@@ -66,8 +67,16 @@ def _sum_by_index(values: Tensor, indices: Tensor, k: int) -> Tensor:
 
 def snapped_straight_through(latent: Tensor, codebook: Codebook) -> Tensor:
     """`latent` with each entry replaced by its nearest representative of `codebook` in the
-    forward pass; straight-through gradients (`SnappedStraightThrough`)."""
-    return SnappedStraightThrough.apply(latent, codebook.representatives())
+    forward pass; straight-through gradients (`SnappedStraightThrough`). A grouped codebook
+    snaps each group, in channel-scale units, to its own row, then scales back: the value
+    `Codebook.dequantize` gives, and the gradient still reaches the latent unchanged."""
+    if codebook.plain:
+        return SnappedStraightThrough.apply(latent, codebook.representatives())
+    snapped = torch.cat([SnappedStraightThrough.apply(part, row)
+                         for part, row, _ in codebook.parts(latent)])
+    if codebook.channel_scale is None:
+        return snapped
+    return snapped * channel_view(codebook.channel_scale.to(snapped.dtype), snapped.ndim)
 
 
 @contextmanager

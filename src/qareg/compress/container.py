@@ -1,5 +1,7 @@
-"""The byte layout of a compressed file (format 2): a short binary frame, a deflated JSON
-header, then the tensors' bytes back to back.
+"""The byte layout of a compressed file (formats 2 and 3): a short binary frame, a deflated
+JSON header, then the tensors' bytes back to back. Format 3 is format 2 plus grouped
+codebooks (`qareg.channel_groups`); a file without them is written as format 2, so that
+older readers still take it.
 
     offset  bytes  content
     0       8      MAGIC
@@ -27,7 +29,8 @@ from typing import Any
 from qareg.errors import QaregError
 
 MAGIC = b"\x89QAREGZ\n"  # not text (0x89), names the format, ends in a newline like PNG's
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this qareg writes: grouped codebooks
+PLAIN_VERSION = 2  # written when no tensor has a grouped codebook
 FRAME = struct.Struct("<8sH16sI")  # magic, version, digest, header length
 DIGEST_BYTES = 16
 MAX_HEADER_BYTES = 1 << 26  # a header inflates to at most 64 MiB
@@ -61,17 +64,19 @@ def digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
-def pack(header: dict[str, Any], sections: list[bytes]) -> bytes:
-    """The file's bytes: frame, deflated `header`, then `sections`."""
+def pack(header: dict[str, Any], sections: list[bytes], version: int = PLAIN_VERSION
+         ) -> bytes:
+    """The file's bytes: frame (format `version`), deflated `header`, then `sections`."""
     text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     deflater = zlib.compressobj(9, zlib.DEFLATED, DEFLATE_WINDOW, zdict=HEADER_DICTIONARY)
     deflated = deflater.compress(text) + deflater.flush()
     body = struct.pack("<I", len(deflated)) + deflated + b"".join(sections)
-    return MAGIC + struct.pack("<H", FORMAT_VERSION) + digest(body) + body
+    assert version in (PLAIN_VERSION, FORMAT_VERSION), f"cannot write format {version}"
+    return MAGIC + struct.pack("<H", version) + digest(body) + body
 
 
 def is_container(head: bytes) -> bool:
-    """Whether `head` (the first bytes of a file) starts like a format-2 file."""
+    """Whether `head` (the first bytes of a file) starts like a format-2 or -3 file."""
     return head.startswith(MAGIC)
 
 
@@ -84,8 +89,8 @@ def unpack(path: str | Path, data: bytes) -> tuple[dict[str, Any], memoryview]:
     magic, version, expected, length = FRAME.unpack_from(data)
     if magic != MAGIC:
         raise fail(path, "does not start like a qareg compressed file")
-    if version != FORMAT_VERSION:
-        raise fail(path, f"format version {version}; this qareg reads versions 1 and "
+    if version not in (PLAIN_VERSION, FORMAT_VERSION):
+        raise fail(path, f"format version {version}; this qareg reads versions 1 to "
                    f"{FORMAT_VERSION}")
     view = memoryview(data)
     if digest(view[FRAME.size - 4:]) != expected:

@@ -121,17 +121,24 @@ class FileContents:
     qareg_version: str
     meta: dict[str, Any]
     float32_bytes: int
-    entries: list[dict[str, Any]]  # per quantized tensor: name, shape, dtype, k, bits, coding
-    codebooks: dict[str, Tensor] = field(default_factory=dict)  # by tensor name
+    # per quantized tensor: name, shape, dtype, k, bits, coding, groups (rows of its codebook)
+    entries: list[dict[str, Any]]
+    codebooks: dict[str, Tensor] = field(default_factory=dict)  # (k,) or (G, k), by name
+    channel_scales: dict[str, Tensor] = field(default_factory=dict)  # (C,), where present
     streams: dict[str, Tensor] = field(default_factory=dict)  # uint8 index streams, by name
     raw: dict[str, Tensor] = field(default_factory=dict)  # tensors stored as they are
+
+    def codebook_bytes(self, name: str) -> int:
+        """Bytes of tensor `name`'s codebook, its channel scales included."""
+        scales = self.channel_scales.get(name)
+        return self.codebooks[name].nbytes + (0 if scales is None else scales.nbytes)
 
     def info(self, file_bytes: int) -> CompressedInfo:
         """The size accounting of a file of `file_bytes` with these contents."""
         stored = tuple(
             StoredTensor(name=e["name"], shape=tuple(e["shape"]), k=e["k"], bits=e["bits"],
                          coding=e["coding"], index_bytes=self.streams[e["name"]].numel(),
-                         codebook_bytes=self.codebooks[e["name"]].nbytes,
+                         codebook_bytes=self.codebook_bytes(e["name"]),
                          entropy_bytes=e["entropy_bytes"])
             for e in self.entries
         )

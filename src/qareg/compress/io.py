@@ -23,9 +23,17 @@ import torch
 from torch import nn
 
 from qareg.act_quant import attach_like, input_quantizers
+from qareg.channel_groups import lookup
 from qareg.checkpoint import atomic_write
 from qareg.compress.bitpack import pack_bits, unpack_bits
-from qareg.compress.container import CompressedFileError, fail, pack, unpack
+from qareg.compress.container import (
+    FORMAT_VERSION,
+    PLAIN_VERSION,
+    CompressedFileError,
+    fail,
+    pack,
+    unpack,
+)
 from qareg.compress.entropy import empirical_entropy_bytes, range_decode, range_encode
 from qareg.compress.info import CompressedInfo, FileContents
 from qareg.compress.legacy import read_format1
@@ -108,8 +116,10 @@ def save_compressed(
     for t in quantized:
         weight = t.weight.detach().cpu()
         values = t.codebook.representatives().detach().cpu().to(weight.dtype)
+        scales = t.codebook.channel_scale
+        scales = None if scales is None else scales.cpu().to(weight.dtype)
         indices = t.codebook.assign(weight).cpu()
-        if not torch.equal(values[indices], weight):
+        if not torch.equal(lookup(values, indices, scales), weight):
             raise ConfigError(f"tensor {t.name!r} is not snapped to its codebook: call "
                               "qareg.convert(model) before save_compressed")
         flat = indices.reshape(-1).numpy()
@@ -121,8 +131,12 @@ def save_compressed(
         contents.entries.append({
             "name": t.name, "shape": list(weight.shape), "dtype": _dtype_name(t.name, weight),
             "k": t.codebook.k, "bits": t.codebook.bits, "coding": coding,
-            "entropy_bytes": round(empirical_entropy_bytes(flat, t.codebook.k), 1)})
+            "entropy_bytes": round(empirical_entropy_bytes(flat, t.codebook.k), 1),
+            "groups": t.codebook.groups})
         contents.codebooks[t.name] = values.to(CODEBOOK_DTYPES[codebook_dtype])
+        if t.codebook.channel_scale is not None:
+            contents.channel_scales[t.name] = t.codebook.channel_scale.detach().cpu().to(
+                CODEBOOK_DTYPES[codebook_dtype])
         contents.streams[t.name] = torch.from_numpy(stream)
         skip.add(t.name)
     contents.raw = {key: _stored_raw(value.detach().cpu(), raw_dtype)
@@ -139,24 +153,36 @@ def _stored_raw(value: torch.Tensor, raw_dtype: str) -> torch.Tensor:
     return value
 
 
+def _grouping(contents: FileContents, entry: dict[str, Any]) -> list[int] | None:
+    """[groups, 1 if channel scales] of a grouped tensor (format 3's ninth field), or None."""
+    scaled = entry["name"] in contents.channel_scales
+    return [entry["groups"], int(scaled)] if entry["groups"] > 1 or scaled else None
+
+
 def _format2_bytes(contents: FileContents) -> bytes:
+    """Format 2, or 3 where some codebook is grouped: each quantized row then ends in
+    [groups, channel scales] and its codebook section is followed by its channel scales."""
+    rows, sections = [], []
+    for e in contents.entries:
+        # name, shape, dtype, k, codebook dtype, coding, stream bytes, entropy bytes
+        row = [e["name"], e["shape"], e["dtype"], e["k"],
+               DTYPE_NAMES[contents.codebooks[e["name"]].dtype], e["coding"],
+               contents.streams[e["name"]].numel(), e["entropy_bytes"]]
+        grouping = _grouping(contents, e)
+        rows.append(row if grouping is None else [*row, grouping])
+        sections.append(_tensor_bytes(contents.codebooks[e["name"]]))
+        if e["name"] in contents.channel_scales:
+            sections.append(_tensor_bytes(contents.channel_scales[e["name"]]))
+        sections.append(_tensor_bytes(contents.streams[e["name"]]))
     header = {
         "qareg": contents.qareg_version, "model": contents.model, "meta": contents.meta,
-        "float32_bytes": contents.float32_bytes,
-        # name, shape, dtype, k, codebook dtype, coding, stream bytes, entropy bytes
-        "quantized": [[e["name"], e["shape"], e["dtype"], e["k"],
-                       DTYPE_NAMES[contents.codebooks[e["name"]].dtype], e["coding"],
-                       contents.streams[e["name"]].numel(), e["entropy_bytes"]]
-                      for e in contents.entries],
+        "float32_bytes": contents.float32_bytes, "quantized": rows,
         "raw": [[key, _dtype_name(key, value), list(value.shape)]
                 for key, value in contents.raw.items()],
     }
-    sections = []
-    for e in contents.entries:
-        sections += [_tensor_bytes(contents.codebooks[e["name"]]),
-                     _tensor_bytes(contents.streams[e["name"]])]
     sections += [_tensor_bytes(value) for value in contents.raw.values()]
-    return pack(header, sections)
+    grouped = any(len(row) > 8 for row in rows)
+    return pack(header, sections, FORMAT_VERSION if grouped else PLAIN_VERSION)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -182,18 +208,25 @@ def _read_format2(path: Path, data: bytes) -> FileContents:
                             meta=header["meta"], float32_bytes=header["float32_bytes"],
                             entries=[])
     offset = 0
-    for name, shape, dtype, k, codebook_dtype, coding, stream_bytes, entropy in (
-            header["quantized"]):
-        if not (isinstance(k, int) and 2 <= k <= 1 << 16 and codebook_dtype in CODEBOOK_DTYPES
-                and isinstance(stream_bytes, int) and stream_bytes >= 0):
-            raise fail(path, f"bad entry for tensor {name!r}: k={k!r}, codebook dtype "
-                       f"{codebook_dtype!r}, stream of {stream_bytes!r} bytes")
+    for row in header["quantized"]:
+        name, shape, dtype, k, codebook_dtype, coding, stream_bytes, entropy = row[:8]
+        groups, scaled = row[8] if len(row) == 9 else (1, 0)
+        if not (len(row) in (8, 9) and isinstance(k, int) and 2 <= k <= 1 << 16
+                and codebook_dtype in CODEBOOK_DTYPES and isinstance(stream_bytes, int)
+                and stream_bytes >= 0 and _is_shape(shape) and isinstance(groups, int)
+                and 1 <= groups <= max(1, shape[0] if shape else 1) and scaled in (0, 1)
+                and (not scaled or shape)):
+            raise fail(path, f"bad entry for tensor {name!r}: {row!r}")
         contents.entries.append({"name": name, "shape": shape, "dtype": dtype, "k": k,
                                  "bits": max(1, (k - 1).bit_length()), "coding": coding,
-                                 "entropy_bytes": entropy})
-        contents.codebooks[name], offset = _take(path, rest, offset, k,
-                                                 CODEBOOK_DTYPES[codebook_dtype],
-                                                 f"the codebook of {name!r}")
+                                 "entropy_bytes": entropy, "groups": groups})
+        codebook, offset = _take(path, rest, offset, groups * k, CODEBOOK_DTYPES[codebook_dtype],
+                                 f"the codebook of {name!r}")
+        contents.codebooks[name] = codebook if groups == 1 else codebook.reshape(groups, k)
+        if scaled:
+            contents.channel_scales[name], offset = _take(
+                path, rest, offset, shape[0], CODEBOOK_DTYPES[codebook_dtype],
+                f"the channel scales of {name!r}")
         contents.streams[name], offset = _take(path, rest, offset, stream_bytes, torch.uint8,
                                                f"the index stream of {name!r}")
     for key, dtype, shape in header["raw"]:
@@ -215,10 +248,11 @@ def _check_entries(path: Path, contents: FileContents) -> None:
                 .bit_length()) and e["coding"] in CODINGS and e["dtype"] in WEIGHT_DTYPES
                 and _is_shape(e["shape"])):
             raise fail(path, f"bad entry for tensor {e['name']!r}: {e}")
-        codebook = contents.codebooks[e["name"]]
-        if codebook.shape != (k,) or codebook.dtype not in CODEBOOK_DTYPES.values():
+        codebook, groups = contents.codebooks[e["name"]], e.get("groups", 1)
+        expected = (k,) if groups == 1 else (groups, k)
+        if codebook.shape != expected or codebook.dtype not in CODEBOOK_DTYPES.values():
             raise fail(path, f"codebook of {e['name']!r} has shape {tuple(codebook.shape)} and "
-                       f"dtype {codebook.dtype}; expected ({k},) float32 or float16")
+                       f"dtype {codebook.dtype}; expected {expected} float32 or float16")
 
 
 def read_contents(path: str | Path) -> tuple[FileContents, int]:
@@ -304,12 +338,14 @@ def load_compressed(path: str | Path, model: nn.Module | None = None,
                        f"{tuple(expected[key].shape)}")
     state = dict(contents.raw)
     for entry in contents.entries:
-        indices = decode_indices(path, entry, contents.streams[entry["name"]])
-        codebook = contents.codebooks[entry["name"]]
+        name, dtype = entry["name"], WEIGHT_DTYPES[entry["dtype"]]
+        indices = decode_indices(path, entry, contents.streams[name])
+        codebook, scales = contents.codebooks[name], contents.channel_scales.get(name)
         if packed:  # checked by decoding once above; kept as stored
-            attach_packed(model, entry["name"], PackedWeight(
-                contents.streams[entry["name"]], codebook, entry, WEIGHT_DTYPES[entry["dtype"]]))
+            attach_packed(model, name, PackedWeight(contents.streams[name], codebook, entry,
+                                                    dtype, scales))
         else:
-            state[entry["name"]] = codebook.to(WEIGHT_DTYPES[entry["dtype"]])[indices]
+            state[name] = lookup(codebook.to(dtype), indices,
+                                 None if scales is None else scales.to(dtype))
     model.load_state_dict(state, strict=False)
     return model.to(device)

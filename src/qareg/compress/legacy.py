@@ -48,7 +48,7 @@ def _layout(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, Any], in
         raise fail(path, f"format {header.get('format')!r} is not {FORMAT!r}")
     if header.get("format_version") != FORMAT_VERSION:
         raise fail(path, f"format version {header.get('format_version')!r}; this qareg "
-                   f"reads versions 1 and 2")
+                   f"reads versions 1 to 3")
     return layout, header, 8 + length
 
 

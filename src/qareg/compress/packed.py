@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qareg.channel_groups import lookup
 from qareg.compress.bitpack import unpack_bits
 from qareg.compress.entropy import range_decode
 
@@ -28,26 +29,30 @@ class PackedWeight(nn.Module):
     `.to(device)` moves them); `decode()` rebuilds the dense tensor."""
 
     def __init__(self, stream: Tensor, codebook: Tensor, entry: dict[str, Any],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, channel_scale: Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("stream", stream.contiguous())
-        self.register_buffer("codebook", codebook.to(dtype))
+        self.register_buffer("codebook", codebook.to(dtype))  # (k,), or (G, k) grouped
+        self.register_buffer("channel_scale", None if channel_scale is None
+                             else channel_scale.to(dtype))
         self.shape = tuple(entry["shape"])
         self.k, self.bits, self.coding = entry["k"], entry["bits"], entry["coding"]
 
     def held_bytes(self) -> int:
         """Bytes this weight keeps in memory between forward passes."""
-        return self.stream.nbytes + self.codebook.nbytes
+        scales = 0 if self.channel_scale is None else self.channel_scale.nbytes
+        return self.stream.nbytes + self.codebook.nbytes + scales
 
     def decode(self) -> Tensor:
-        """The dense weight, `codebook[indices]`, on the codebook's device."""
+        """The dense weight, `codebook[indices]` (per group and channel scale when grouped:
+        `qareg.channel_groups.lookup`), on the codebook's device."""
         stream, count = self.stream.cpu().numpy(), math.prod(self.shape)
         if self.coding == "packed":
             indices = unpack_bits(stream, self.bits, count)
         else:
             indices = range_decode(stream, self.k, count)
         index = torch.from_numpy(indices.astype(np.int64)).to(self.codebook.device)
-        return self.codebook[index].reshape(self.shape)
+        return lookup(self.codebook, index.reshape(self.shape), self.channel_scale)
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, k={self.k}, coding={self.coding}, "

@@ -82,6 +82,10 @@ class QaregConfig:
     # codebooks; fractional allowed, e.g. 0.75): met after training by entropy-constrained
     # assignment (qareg.budget). Training starts from k = 2**ceil(budget) (at least 2).
     budget: float | None = None
+    # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
+    # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
+    group_size: int = 0
+    channel_scale: bool = False
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 2, MAX_K)
@@ -102,8 +106,11 @@ class QaregConfig:
         check_bool("zero", self.zero)
         check_float("rate", self.rate, 0)
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
+        check_int("group_size", self.group_size, 0)
+        check_bool("channel_scale", self.channel_scale)
         if self.budget is not None:
             check_float("budget", self.budget, 0, low_open=True)
+            self.check_budget_allowed()
         if self.snapped_lam is not None:
             check_float("snapped_lam", self.snapped_lam, 0)
         object.__setattr__(self, "include", check_patterns("include", self.include))
@@ -116,6 +123,18 @@ class QaregConfig:
                 raise ConfigError(f"layer_weights keys must be non-empty glob patterns, got "
                                   f"{pattern!r}")
             check_float(f"layer_weights[{pattern!r}]", weight, 0)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether codebooks have groups or channel scales."""
+        return self.group_size > 0 or self.channel_scale
+
+    def check_budget_allowed(self) -> None:
+        """A size budget reassigns plain codebooks only (`qareg.budget`)."""
+        if self.grouped:
+            raise ConfigError(f"a size budget needs plain codebooks: group_size "
+                              f"{self.group_size} and channel_scale {self.channel_scale} "
+                              "(allowed with a budget: group_size 0, channel_scale false)")
 
     def temperature_at(self, progress: float) -> float:
         """Soft-min temperature at `progress` in [0, 1] of training (geometric annealing)."""
@@ -158,6 +177,8 @@ class QaregMethod(Method):
         if bits is None:
             return None
         bits = check_bits_or_budget(bits)
+        if is_budget(bits):
+            self.config.check_budget_allowed()
         k = self.config.k
         if not is_budget(bits) and k != type(self.config).k and k != 2 ** bits:
             raise ConfigError(f"bits={bits} means k = {2 ** bits}, but k is {k}; give one of "
@@ -193,7 +214,8 @@ class QaregMethod(Method):
                               f"k={k} does not match")
         if not existing:
             prepare(model, k, include=c.include or None, exclude=c.exclude, init=c.init,
-                    seed=seed, zero=c.zero)
+                    seed=seed, zero=c.zero, group_size=c.group_size,
+                    channel_scale=c.channel_scale)
         for t in quantized_tensors(model):  # fine-tuning a qareg network: this config decides
             t.codebook.zero = c.zero
         check_patterns_match(c.layer_weights, [t.name for t in quantized_tensors(model)],
