@@ -9,6 +9,7 @@ from torch import nn
 
 import qareg
 from conftest import learnable_images
+from qareg.act_quant import attach_input_quantizers, input_quantizers
 from qareg.cli import main
 from qareg.compress import CompressedFileError, load_compressed, save_compressed
 from qareg.compress.packed import packed_weights
@@ -157,3 +158,28 @@ def test_functions_and_other_layers_export_too(tmp_path):
     with torch.no_grad():
         expected = model.eval()(x).numpy()
     assert np.abs(logits - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_input_quantizers_are_in_the_graph_and_other_hooks_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 32)
+    x = images(32)
+    attach_input_quantizers(model, 4, [x])
+    qareg.prepare(model, 4)
+    qareg.convert(model)
+    save_compressed(model, tmp_path / "wa.qz")
+    export_onnx(tmp_path / "wa.qz", tmp_path / "wa.onnx")
+    graph = onnx_model(tmp_path / "wa.qz").graph
+    assert sum(n.op_type == "Round" for n in graph.node) == len(input_quantizers(model)) == 5
+    session = ort.InferenceSession(str(tmp_path / "wa.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = load_compressed(tmp_path / "wa.qz").eval()(x).numpy()
+    assert np.abs(logits - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+
+    hooked = qareg.create_model("lenet5", 10, 1, 32)
+    hooked.features[0].register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(ConfigError, match="layer 'features.0' has forward hooks"):
+        export_onnx(tmp_path / "wa.qz", tmp_path / "hooked.onnx", model=hooked,
+                    input_shape=(1, 32, 32))
+    assert not (tmp_path / "hooked.onnx").exists()

@@ -43,6 +43,10 @@ class InputQuantizer(nn.Module):
     def levels(self) -> tuple[int, int]:
         return integer_range(int(self.bits), bool(self.signed))
 
+    def effective_step(self) -> Tensor:
+        """The step the forward pass divides by (|step|, at least MIN_STEP), detached."""
+        return self.step.detach().abs().clamp(min=MIN_STEP)
+
     def forward(self, x: Tensor) -> Tensor:
         qmin, qmax = self.levels()
         gradient_scale = 1.0 / math.sqrt(max(1, x[0].numel()) * qmax)
@@ -53,13 +57,14 @@ class InputQuantizer(nn.Module):
         return f"bits={int(self.bits)}, signed={bool(self.signed)}"
 
 
-def _apply_quantizer(module: nn.Module, args: tuple) -> tuple:
+def apply_input_quantizer(module: nn.Module, args: tuple) -> tuple:
+    """The forward pre-hook of a layer with an input quantizer."""
     return (getattr(module, NAME)(args[0]), *args[1:])
 
 
 def _attach(module: nn.Module, quantizer: InputQuantizer) -> None:
     module.add_module(NAME, quantizer)
-    module.register_forward_pre_hook(_apply_quantizer)
+    module.register_forward_pre_hook(apply_input_quantizer)
 
 
 def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:

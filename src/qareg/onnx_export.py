@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qareg.act_quant import NAME as INPUT_QUANTIZER
+from qareg.act_quant import InputQuantizer, apply_input_quantizer
 from qareg.channel_groups import channel_view, row_offsets
 from qareg.checkpoint import atomic_write
 from qareg.compress.io import decode_indices, load_compressed, read_contents
@@ -197,6 +199,32 @@ MODULES: dict[type, Callable[[GraphBuilder, str, Any, str], str]] = {
 }
 
 
+def _quantized_input(b: GraphBuilder, prefix: str, module: nn.Module, x: str) -> str:
+    """`x` through the layer's input quantizer, if it has one (`qareg.act_quant`), as
+    round(clip(x / step, qmin, qmax)) * step: the ops of its forward pass, Round halving to
+    even like torch's. Any other hook on the layer would be lost by the trace: refused."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    quantizer = getattr(module, INPUT_QUANTIZER, None)
+    others = [h for h in hooks if h is not apply_input_quantizer]
+    if others:
+        names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in others)
+        raise ConfigError(f"ONNX export: layer {prefix!r} has forward hooks ({names}) that an "
+                          "ONNX graph cannot carry; remove them before exporting")
+    if quantizer is None:
+        return x
+    if not isinstance(quantizer, InputQuantizer):
+        raise ConfigError(f"ONNX export: layer {prefix!r} has an input quantizer of type "
+                          f"{type(quantizer).__name__}, which is not supported")
+    qmin, qmax = quantizer.levels()
+    step = b.constant(f"{prefix}.input_step", quantizer.effective_step().numpy())
+    low = b.constant(f"{prefix}.input_min", np.array(qmin, np.float32))
+    high = b.constant(f"{prefix}.input_max", np.array(qmax, np.float32))
+    scaled = b.node("Div", [x, step], f"{prefix}.input_scaled")
+    rounded = b.node("Round", [b.node("Clip", [scaled, low, high], f"{prefix}.input_clip")],
+                     f"{prefix}.input_round")
+    return b.node("Mul", [rounded, step], f"{prefix}.input_quantized")
+
+
 def _function(b: GraphBuilder, node: Any, args: list[Any]) -> str:
     target = node.target
     if target in (torch.relu, nn.functional.relu, "relu"):
@@ -238,7 +266,8 @@ def build_model(model: nn.Module, indices: dict[str, tuple[np.ndarray, np.ndarra
                 raise ConfigError(f"ONNX export: layer {node.target!r} is a "
                                   f"{type(module).__name__}, which is not supported; "
                                   f"supported: {', '.join(t.__name__ for t in MODULES)}")
-            values[node] = convert(builder, node.target, module, args[0])
+            x = _quantized_input(builder, node.target, module, args[0])
+            values[node] = convert(builder, node.target, module, x)
         elif node.op in ("call_function", "call_method"):
             values[node] = _function(builder, node, args)
         elif node.op == "output":
