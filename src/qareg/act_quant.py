@@ -14,7 +14,7 @@ any other the signed one; at A bits a batch of inputs takes at most 2^A distinct
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -75,11 +75,14 @@ def input_quantizers(model: nn.Module) -> dict[str, InputQuantizer]:
 
 @torch.no_grad()
 def attach_input_quantizers(model: nn.Module, bits: int, calibration: Iterable,
-                            max_batches: int = 8, percentile: float = 99.99
-                            ) -> dict[str, InputQuantizer]:
+                            max_batches: int = 8, percentile: float = 99.99,
+                            make: Callable[[int, bool, float], InputQuantizer | None]
+                            | None = None) -> dict[str, InputQuantizer]:
     """Give each Conv and Linear layer of `model` an input quantizer at `bits`, its step
     started from the `percentile` of |input| over the first `max_batches` of `calibration`
-    (inputs, or (inputs, labels) pairs). Returns them by layer name."""
+    (inputs, or (inputs, labels) pairs). `make(bits, signed, step)` builds a method's own
+    kind (`Method.input_quantizer`; None from it: this module's). Returns them by layer
+    name."""
     check_int("act_bits", bits, 2, 16)
     if input_quantizers(model):
         raise ConfigError("the model has input quantizers already")
@@ -102,7 +105,9 @@ def attach_input_quantizers(model: nn.Module, bits: int, calibration: Iterable,
         signed = bool(values.min() < 0)
         qmax = integer_range(bits, signed)[1]
         magnitude = torch.quantile(values.abs()[:1 << 20], percentile / 100).item()
-        _attach(module, InputQuantizer(bits, signed, magnitude / qmax if magnitude else 1.0))
+        step = magnitude / qmax if magnitude else 1.0
+        own = make(bits, signed, step) if make is not None else None
+        _attach(module, own if own is not None else InputQuantizer(bits, signed, step))
     return input_quantizers(model)
 
 
@@ -114,4 +119,10 @@ def attach_like(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         if key.endswith(suffix):
             layer = key.removesuffix(suffix)
             signed = state[f"{layer}.{NAME}.signed"]
-            _attach(model.get_submodule(layer), InputQuantizer(int(bits), bool(signed), 1.0))
+            if f"{layer}.{NAME}.log_sigma" in state:  # CPQ's activation path
+                from qareg.methods.cpq import CPQInputQuantizer
+
+                quantizer = CPQInputQuantizer(int(bits), bool(signed), 1.0)
+            else:
+                quantizer = InputQuantizer(int(bits), bool(signed), 1.0)
+            _attach(model.get_submodule(layer), quantizer)

@@ -185,8 +185,11 @@ def train(
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number "
                           f"of processes ({world.size}): every rank takes an equal share")
     device = torch.device(config.device)
+    if method is not None:
+        method.check_act_bits(config.act_bits)
     if config.act_bits is not None and not input_quantizers(model):  # a fresh run: calibrate
-        attach_input_quantizers(model, config.act_bits, bn_loader(splits, config))
+        attach_input_quantizers(model, config.act_bits, bn_loader(splits, config),
+                                make=method.input_quantizer if method is not None else None)
     bf16 = config.precision == "bf16"  # forward passes under bfloat16 autocast
     loader = BatchLoader(
         splits.train, config.batch_size, splits.mean, splits.std, shuffle=True, drop_last=True,

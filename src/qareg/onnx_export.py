@@ -212,9 +212,10 @@ def _quantized_input(b: GraphBuilder, prefix: str, module: nn.Module, x: str) ->
                           "ONNX graph cannot carry; remove them before exporting")
     if quantizer is None:
         return x
-    if not isinstance(quantizer, InputQuantizer):
+    if type(quantizer) is not InputQuantizer:  # CPQ's mode rule has no standard op
         raise ConfigError(f"ONNX export: layer {prefix!r} has an input quantizer of type "
-                          f"{type(quantizer).__name__}, which is not supported")
+                          f"{type(quantizer).__name__}, which is not supported; supported: "
+                          "InputQuantizer (the learned-step one)")
     qmin, qmax = quantizer.levels()
     step = b.constant(f"{prefix}.input_step", quantizer.effective_step().numpy())
     low = b.constant(f"{prefix}.input_min", np.array(qmin, np.float32))

@@ -52,8 +52,6 @@ def test_config_validation():
         CPQConfig(drop_rate=0.9)
     with pytest.raises(ConfigError, match="sigma_init"):
         CPQConfig(sigma_init=0.0)
-    with pytest.raises(ConfigError, match="not implemented"):
-        CPQConfig(activations=True)
     with pytest.raises(ConfigError, match="dropbits"):
         CPQConfig(lam_bits=0.1, dropbits=False)
     with pytest.raises(ConfigError, match="bits"):

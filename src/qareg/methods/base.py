@@ -141,6 +141,16 @@ class Method:
         is computed after it, outside); by default none."""
         return nullcontext()
 
+    def input_quantizer(self, bits: int, signed: bool, step: float) -> nn.Module | None:
+        """This method's own quantizer of a layer's input at `bits` (`signed` grid, `step`
+        calibrated), when it trains with quantized activations (`TrainConfig.act_bits`);
+        None: the shared learned-step one (`qareg.act_quant.InputQuantizer`)."""
+        return None
+
+    def check_act_bits(self, act_bits: int | None) -> None:
+        """Refuse a training whose activation bits (None: full precision) this method's
+        options cannot work with; by default any."""
+
     def lam(self, progress: Progress) -> float:
         """Weight of the regularizer at this step; at 0 the engine skips computing it unless
         the method has parameters of its own (they need a gradient every step under DDP)."""

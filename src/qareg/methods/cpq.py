@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from qareg.act_quant import MIN_STEP, InputQuantizer
 from qareg.errors import ConfigError
 from qareg.methods.base import Progress, register_method
 from qareg.methods.parametrized import (
@@ -66,7 +67,9 @@ class CPQConfig(QuantizerOptions):
     drop_rate: float = 0.1  # probability that a gate is closed at the start, in (0, 0.5]
     lam_bits: float = 0.0  # weight of the L0 penalty on the gates; 0: gates frozen, b bits kept
     gate_lr_scale: float = 1.0  # learning rate of the gates' log-alphas, relative (lam_bits > 0)
-    activations: bool = False  # CPQ's own activation path: not implemented (use act_bits)
+    # with act_bits (--act-bits A): layer inputs through CPQ's own activation quantizer (a
+    # learned grid and noise, mode forward, multi-class STE) instead of the shared LSQ one
+    activations: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,11 +79,6 @@ class CPQConfig(QuantizerOptions):
         check_float("lam_bits", self.lam_bits, 0.0)
         check_float("gate_lr_scale", self.gate_lr_scale, 0.0, low_open=True)
         check_bool("activations", self.activations)
-        if self.activations:
-            raise ConfigError("activations=True (CPQ's own activation path) is not "
-                              "implemented; quantize activations with --act-bits A "
-                              "(TrainConfig.act_bits: learned-step input quantizers, any "
-                              "method) and activations=False")
         if self.lam_bits > 0 and not self.dropbits:
             raise ConfigError(f"lam_bits={self.lam_bits} needs dropbits=True: bit-widths are "
                               "learned through the DropBits gates; set lam_bits=0 or "
@@ -297,6 +295,33 @@ class CPQQuantizer(nn.Module):
         return values, self.grid()[mask > 0]
 
 
+class CPQInputQuantizer(InputQuantizer):
+    """CPQ's activation path: a layer's input snapped to the mode of its relaxed-quantization
+    categorical over a learned grid step * i + offset (i over the A-bit integers, unsigned
+    after a ReLU), with logistic noise of learned scale; multi-class straight-through
+    gradients to the input, step, offset and noise, as for the weights. No DropBits gates
+    on activations: every layer input keeps its A bits. In eval mode the same mode rule
+    (deterministic), which ONNX export does not carry."""
+
+    def __init__(self, bits: int, signed: bool, step: float, sigma_init: float = 1.0 / 3.0
+                 ) -> None:
+        super().__init__(bits, signed, step)
+        qmin, qmax = self.levels()
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(self.step.item() * sigma_init)))
+        self.register_buffer("index", torch.arange(qmin, qmax + 1, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        index = self.index.to(x.dtype)
+        step = self.step.abs().clamp(min=MIN_STEP).to(x.dtype)
+        return cpq_quantize(x, step, self.offset.to(x.dtype), self.log_sigma.exp().to(x.dtype),
+                            torch.ones_like(index), index)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", cpq"
+
+
 def cpq_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, CPQQuantizer]]:
     """(qualified tensor name, module, attribute, quantizer) of every CPQ-quantized tensor."""
     for name, (module, quantizer) in find_parametrizations(model, CPQQuantizer).items():
@@ -322,6 +347,17 @@ class CPQMethod(ParametrizedMethod):
 
     def lam(self, progress: Progress) -> float:
         return self.config.lam_bits
+
+    def input_quantizer(self, bits: int, signed: bool, step: float) -> InputQuantizer | None:
+        """CPQ's own activation path where `activations` is on; else the shared one."""
+        if not self.config.activations:
+            return None
+        return CPQInputQuantizer(bits, signed, step, self.config.sigma_init)
+
+    def check_act_bits(self, act_bits: int | None) -> None:
+        if self.config.activations and act_bits is None:
+            raise ConfigError("cpq's activations=True quantizes layer inputs at act_bits, "
+                              "which is not set: give --act-bits A (2 to 16)")
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
         """L0 penalty: expected number of open DropBits gates over all tensors."""
