@@ -9,8 +9,10 @@ random batch of 3x32x32 images, in four configurations built from the same initi
   qareg_torch the same through the penalty's torch kernels (what other devices and dtypes
               run; on the CPU before the compiled kernels of `qareg.penalty_cpu`);
   qareg_snapped  qareg's default training step: the forward pass inside
-              `qareg.straight_through(model)` (snapped weights, straight-through
-              gradients), plus the penalty;
+              `qareg.straight_through(model, terms)` (snapped weights, straight-through
+              gradients), plus the penalty found in the same pass, as QaregMethod runs it;
+  qareg_snapped_unfused  the same with the penalty computed after the pass (a second
+              nearest lookup): qareg's step before the two were fused;
   qareg_soft  the same with the soft variant, whose (N, 3) candidate tensors cost more;
   dkm         every Conv and Linear weight replaced in the forward pass by
               `dkm_soft_weights(weight, centroids, temperature)`, k learnable centroids per
@@ -72,6 +74,7 @@ from qareg.constants import DEFAULT_LAYERS
 from qareg.methods import create_method
 from qareg.methods.dkm import dkm_soft_weights
 from qareg.provenance import provenance
+from qareg.quantize import weighted_sum
 from qareg.rate import model_rate_bits
 
 
@@ -83,8 +86,8 @@ def numba_layer() -> str | None:
         return None
 
 
-CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_rate", "qareg_soft", "dkm",
-           "lsq")
+CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_snapped_unfused",
+           "qareg_rate", "qareg_soft", "dkm", "lsq")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain
 
 
@@ -125,14 +128,16 @@ def train_step(config: str, model: nn.Module, optimizer: torch.optim.Optimizer,
     torch_kernels = config == "qareg_torch"
     with (mock.patch.object(penalty_cpu, "supports", lambda weights: False) if torch_kernels
           else nullcontext()):
-        snapped = config in ("qareg_snapped", "qareg_rate")
-        with qareg.straight_through(model) if snapped else nullcontext():
+        snapped = config in ("qareg_snapped", "qareg_snapped_unfused", "qareg_rate")
+        terms = {} if config != "qareg_snapped_unfused" else None  # fused as QaregMethod does
+        with qareg.straight_through(model, terms) if snapped else nullcontext():
             task = F.cross_entropy(model(x), y)
-        if config in ("qareg", "qareg_torch", "qareg_snapped"):
-            loss = task + lam * qareg.penalty(model)
+        penalty = weighted_sum(terms) if terms else None  # found while snapping
+        if config in ("qareg", "qareg_torch", "qareg_snapped", "qareg_snapped_unfused"):
+            loss = task + lam * (penalty if penalty is not None else qareg.penalty(model))
         elif config == "qareg_rate":  # qareg's step with the rate term of issue 17
             rate = model_rate_bits(qareg.quantize.quantized_tensors(model), 0.05)
-            loss = task + lam * (qareg.penalty(model) + rate)
+            loss = task + lam * (penalty + rate)
         elif config == "qareg_soft":
             loss = task + lam * qareg.penalty(model, "soft")
         else:

@@ -79,9 +79,9 @@ def test_engine_snaps_the_forward_pass_in_the_last_fraction_only(tiny_splits):
     entered = []
     original = straight_through
 
-    def spy(model):
+    def spy(model, *args):
         entered.append(len(seen))
-        return original(model)
+        return original(model, *args)
 
     seen = []
     with mock.patch("qareg.methods.qareg.straight_through", spy):
@@ -145,3 +145,33 @@ def test_the_snapped_forward_saves_one_byte_per_weight_for_backward():
     index = qareg.assign(latent.detach(), representatives.detach())
     assert torch.allclose(representatives.grad,
                           torch.zeros(16).index_add_(0, index, weights), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["hard", "abs"])
+def test_the_penalty_found_while_snapping_equals_the_penalty_after(variant):
+    torch.manual_seed(0)  # a 1.2M-entry layer: the sums run over several slices and threads
+    model = torch.nn.Sequential(torch.nn.Linear(1200, 1000), torch.nn.ReLU(),
+                                torch.nn.Linear(1000, 10))
+    qareg.prepare(model, k=4)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 1200), torch.randint(0, 10, (16,))
+    terms = {}
+    with straight_through(model, terms, variant):
+        task = F.cross_entropy(model(x), y)
+    assert set(terms) == {"0.weight", "2.weight"}
+    (task + 0.7 * qareg.quantize.weighted_sum(terms)).backward()
+    with straight_through(twin):
+        twin_task = F.cross_entropy(twin(x), y)
+    twin_penalty = qareg.penalty(twin, variant)
+    (twin_task + 0.7 * twin_penalty).backward()
+    assert torch.equal(qareg.quantize.weighted_sum(terms), twin_penalty)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name  # bit for bit: the same sums, same order
+
+
+def test_soft_penalties_and_grouped_codebooks_are_computed_after_the_pass():
+    model = prepared_lenet()
+    terms = {}
+    with straight_through(model, terms, "soft"):
+        model(torch.randn(2, 1, 28, 28))
+    assert terms == {}  # the caller then computes the penalty itself

@@ -30,19 +30,21 @@ from qareg.constants import PENALTY_VARIANTS as VARIANTS
 from qareg.nearest import assign
 from qareg.penalty_kernels import NearestPenalty
 
+POWERS = {"hard": 2, "abs": 1}  # the distance's power in the nearest-penalty variants
 
-def _floor(scale: Tensor) -> Tensor:
+
+def penalty_floor(scale: Tensor) -> Tensor:
     """Smallest mean square used as a denominator: (1e-3 * scale)^2."""
     return (1e-3 * scale).square()
 
 
 def _mean_square(w: Tensor, scale: Tensor) -> Tensor:
-    return w.square().mean().clamp_min(_floor(scale))
+    return w.square().mean().clamp_min(penalty_floor(scale))
 
 
 def hard_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
     """Mean squared distance to the nearest representative, over the mean square."""
-    return NearestPenalty.apply(weights, representatives, _floor(scale), 2)
+    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["hard"])
 
 
 def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
@@ -51,7 +53,7 @@ def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tens
     The pull has constant strength, so weights settle exactly on a representative once it
     exceeds the task gradient, instead of hovering near it as with squared distances.
     """
-    return NearestPenalty.apply(weights, representatives, _floor(scale), 1)
+    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["abs"])
 
 
 def soft_penalty(

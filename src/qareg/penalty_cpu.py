@@ -185,3 +185,30 @@ def gradient(weights: Tensor, saved: Tensor, representatives: Tensor, power: int
     _gradient(w, saved.numpy(), representatives.numpy(), power, scalar(scale_d), scalar(scale_w),
               out.view(-1).numpy())
     return out
+
+
+@njit(parallel=True, cache=True)
+def _gather(table, saved, out):  # noqa: ANN001
+    for i in prange(saved.size):
+        out[i] = table[saved[i]]
+
+
+@njit(cache=True)
+def _sum_by_index(values, saved, out):  # noqa: ANN001
+    for i in range(values.size):  # one thread, in order: the sums torch's index_add_ makes
+        out[saved[i]] += values[i]
+
+
+def gather(table: Tensor, saved: Tensor, shape: torch.Size) -> Tensor:
+    """`table[saved]` shaped `shape`, without widening the small indices to int64."""
+    out = torch.empty(shape, dtype=table.dtype)
+    thread_plan(saved.numel())
+    _gather(table.numpy(), saved.numpy(), out.view(-1).numpy())
+    return out
+
+
+def sum_by_index(values: Tensor, saved: Tensor, k: int) -> Tensor:
+    """(k,) sums of `values` (1-D, contiguous) per index, in their dtype and in order."""
+    out = np.zeros(k, dtype=values.numpy().dtype)
+    _sum_by_index(values.numpy(), saved.numpy(), out)
+    return torch.from_numpy(out)

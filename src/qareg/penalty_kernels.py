@@ -83,6 +83,47 @@ def _gradient_torch(weights: Tensor, saved: Tensor, table: Tensor, power: int, s
     return grad
 
 
+def _penalty_forward(ctx, weights: Tensor, representatives: Tensor, floor: Tensor,  # noqa: ANN001
+                     power: int) -> tuple[Tensor, Tensor, Tensor]:
+    """P's value (module docstring), its saved state put on `ctx`; returns (value, saved
+    indices, table)."""
+    assert power in (1, 2), f"power must be 1 or 2, got {power}"
+    w = weights.detach().reshape(-1)  # (N,)
+    n = w.numel()
+    sums = _sums_cpu if penalty_cpu.supports(w) else _sums_torch
+    saved, table, pull, sum_square, sum_distance = sums(w, representatives, power)
+    mean_square = (sum_square / n).to(w.dtype)
+    unclamped = (mean_square >= floor).to(w.dtype)  # clamp_min passes gradient at ==
+    m = torch.maximum(mean_square, floor.to(w.dtype))
+    denominator = m if power == 2 else m.sqrt()
+    value = (sum_distance / n).to(w.dtype) / denominator
+    scale_d, scale_w = power / (n * denominator), power / (n * m)
+    # Besides one small integer per weight only tensors of a few times k entries;
+    # `weights` is the caller's own tensor, saved by reference.
+    ctx.save_for_backward(weights, saved, table, pull.to(w.dtype), value, unclamped,
+                          scale_d, scale_w)
+    ctx.power, ctx.rep_dtype = power, representatives.dtype
+    return value, saved, table
+
+
+def _penalty_gradients(ctx, grad_output: Tensor, weights_wanted: bool,  # noqa: ANN001
+                       representatives_wanted: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dP/dw, dP/dc) times `grad_output`, each where wanted."""
+    weights, saved, table, pull, value, unclamped, scale_d, scale_w = ctx.saved_tensors
+    s_d = grad_output * scale_d  # 0-d tensors throughout: no host sync on a GPU
+    grad_w = grad_c = None
+    if weights_wanted:
+        s_w = -grad_output * scale_w * value * unclamped
+        if penalty_cpu.supports(weights):
+            grad_w = penalty_cpu.gradient(weights.detach(), saved, table, ctx.power,
+                                          s_d.item(), s_w.item())
+        else:
+            grad_w = _gradient_torch(weights.detach(), saved, table, ctx.power, s_d, s_w)
+    if representatives_wanted:
+        grad_c = (-s_d * pull).to(ctx.rep_dtype)
+    return grad_w, grad_c
+
+
 class NearestPenalty(torch.autograd.Function):
     """P = mean(|w - c_a|^p) / max(mean(w^2), floor)^(p/2) for p = 1 or 2 (module
     docstring); saves 1 byte per weight for k <= 256 and tensors of a few times k entries."""
@@ -90,37 +131,53 @@ class NearestPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: Tensor, representatives: Tensor, floor: Tensor,
                 power: int) -> Tensor:
-        assert power in (1, 2), f"power must be 1 or 2, got {power}"
-        w = weights.detach().reshape(-1)  # (N,)
-        n = w.numel()
-        sums = _sums_cpu if penalty_cpu.supports(w) else _sums_torch
-        saved, table, pull, sum_square, sum_distance = sums(w, representatives, power)
-        mean_square = (sum_square / n).to(w.dtype)
-        unclamped = (mean_square >= floor).to(w.dtype)  # clamp_min passes gradient at ==
-        m = torch.maximum(mean_square, floor.to(w.dtype))
-        denominator = m if power == 2 else m.sqrt()
-        value = (sum_distance / n).to(w.dtype) / denominator
-        scale_d, scale_w = power / (n * denominator), power / (n * m)
-        # Besides one small integer per weight only tensors of a few times k entries;
-        # `weights` is the caller's own tensor, saved by reference.
-        ctx.save_for_backward(weights, saved, table, pull.to(w.dtype), value, unclamped,
-                              scale_d, scale_w)
-        ctx.power, ctx.rep_dtype = power, representatives.dtype
-        return value
+        return _penalty_forward(ctx, weights, representatives, floor, power)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        weights, saved, table, pull, value, unclamped, scale_d, scale_w = ctx.saved_tensors
-        s_d = grad_output * scale_d  # 0-d tensors throughout: no host sync on a GPU
-        grad_w = grad_c = None
-        if ctx.needs_input_grad[0]:
-            s_w = -grad_output * scale_w * value * unclamped
-            if penalty_cpu.supports(weights):
-                grad_w = penalty_cpu.gradient(weights.detach(), saved, table, ctx.power,
-                                              s_d.item(), s_w.item())
-            else:
-                grad_w = _gradient_torch(weights.detach(), saved, table, ctx.power, s_d, s_w)
-        if ctx.needs_input_grad[1]:
-            grad_c = (-s_d * pull).to(ctx.rep_dtype)
+        grad_w, grad_c = _penalty_gradients(ctx, grad_output, *ctx.needs_input_grad[:2])
         return grad_w, grad_c, None, None
+
+
+class SnappedNearestPenalty(torch.autograd.Function):
+    """qareg's snapped training step in one pass per tensor (CPU, float weights): the
+    snapped weights (`qareg.straight_through.SnappedStraightThrough`) and the penalty
+    (`NearestPenalty`) from one nearest lookup, where the two alone look every weight up
+    twice. Gradients are those of the two separately, summed as autograd sums them: the
+    weights get the penalty's gradient plus the snapped one unchanged, the snapping
+    representatives the snapped gradient summed per representative (in index order), the
+    penalty's representatives its own. Two representative inputs, one per use, so that each
+    reaches the codebook through its own path, as it does with the two functions."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, snap_representatives: Tensor,  # noqa: ANN001
+                penalty_representatives: Tensor, floor: Tensor, power: int
+                ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        value, saved, table = _penalty_forward(ctx, weights, penalty_representatives, floor,
+                                               power)
+        ctx.snap_dtype, ctx.k = snap_representatives.dtype, table.numel()
+        return penalty_cpu.gather(table, saved, weights.shape), value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_snapped: Tensor | None, grad_value: Tensor | None  # noqa: ANN001
+                 ) -> tuple[Tensor | None, ...]:
+        wants_w, wants_snap, wants_penalty = ctx.needs_input_grad[:3]
+        grad_w = grad_snap = grad_c = None
+        if grad_value is not None:
+            grad_w, grad_c = _penalty_gradients(ctx, grad_value, wants_w, wants_penalty)
+        if grad_snapped is not None:
+            if wants_w:  # the penalty's gradient first, the snapped one added: autograd's order
+                grad_w = grad_snapped if grad_w is None else grad_w.add_(grad_snapped)
+            if wants_snap:
+                saved = ctx.saved_tensors[1]
+                grad_snap = penalty_cpu.sum_by_index(grad_snapped.reshape(-1).contiguous(),
+                                                     saved, ctx.k).to(ctx.snap_dtype)
+        return grad_w, grad_snap, grad_c, None, None
+
+
+def fuses(weights: Tensor) -> bool:
+    """Whether `SnappedNearestPenalty` takes `weights` (float32 or float64 on the CPU)."""
+    return penalty_cpu.supports(weights)

@@ -239,11 +239,17 @@ def penalty(
     layer_weight * term. `layer_weights` maps glob patterns to weights (first match wins,
     default 1). Variants: "hard" (squared distance to the nearest representative), "soft"
     (soft-min at `temperature`), "abs" (absolute distance)."""
+    return weighted_sum(penalty_terms(model, variant, temperature=temperature), layer_weights)
+
+
+def weighted_sum(terms: Mapping[str, Tensor], layer_weights: Mapping[str, float] | None = None
+                 ) -> Tensor:
+    """sum over tensors of layer_weight * term, `terms` by tensor name (as
+    `penalty_terms` gives them); `layer_weights` as in `penalty`."""
     layer_weights = dict(layer_weights or {})
     for pattern, weight in layer_weights.items():
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"layer weight for {pattern!r} must be >= 0, got {weight!r}")
-    terms = penalty_terms(model, variant, temperature=temperature)
     check_patterns_match(layer_weights, list(terms), "layer_weights pattern")
     total = None
     for name, term in terms.items():

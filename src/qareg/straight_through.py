@@ -28,7 +28,11 @@ from torch import Tensor, nn
 from qareg.channel_groups import channel_view
 from qareg.codebook import Codebook
 from qareg.nearest import assign, index_dtype
-from qareg.quantize import require_codebooks
+from qareg.penalties import POWERS, penalty_floor
+from qareg.penalty_kernels import SnappedNearestPenalty, fuses
+from qareg.quantize import QuantizedTensor, require_codebooks
+
+FUSED_VARIANTS = tuple(POWERS)  # the penalties one snapping pass can compute
 
 SLICE = 1 << 20  # entries per slice when summing gradients per representative
 
@@ -79,15 +83,36 @@ def snapped_straight_through(latent: Tensor, codebook: Codebook) -> Tensor:
     return snapped * channel_view(codebook.channel_scale.to(snapped.dtype), snapped.ndim)
 
 
+def fused_penalty_applies(tensors: list[QuantizedTensor], variant: str) -> bool:
+    """Whether `straight_through(..., penalty_terms=...)` can compute the penalty of
+    `variant` in the snapping pass for all of `tensors` (hard or abs, plain codebooks,
+    float weights on the CPU)."""
+    return variant in FUSED_VARIANTS and all(t.codebook.plain and fuses(t.weight)
+                                             for t in tensors)
+
+
 @contextmanager
-def straight_through(model: nn.Module) -> Iterator[nn.Module]:
+def straight_through(model: nn.Module, penalty_terms: dict[str, Tensor] | None = None,
+                     variant: str = "hard") -> Iterator[nn.Module]:
     """Within the block, `model`'s quantized tensors read as their snapped values, with
-    straight-through gradients (module docstring). Call `qareg.prepare` first."""
+    straight-through gradients (module docstring). Call `qareg.prepare` first.
+
+    With a `penalty_terms` dict, where `fused_penalty_applies`, each tensor's penalty term
+    of `variant` (`qareg.penalty_terms`) is put there by name, found in the same pass that
+    snaps it (`qareg.penalty_kernels.SnappedNearestPenalty`): the same values and gradients
+    as computing the penalty after the block, at one nearest lookup instead of two."""
+    tensors = require_codebooks(model)
+    fused = penalty_terms is not None and fused_penalty_applies(tensors, variant)
     shadowed = []
     try:
-        for t in require_codebooks(model):
+        for t in tensors:
             t.codebook.project_()  # sorted and distinct, as the nearest lookup needs
-            snapped = snapped_straight_through(t.weight, t.codebook)
+            if fused:
+                snapped, penalty_terms[t.name] = SnappedNearestPenalty.apply(
+                    t.weight, t.codebook.representatives(), t.codebook.representatives(),
+                    penalty_floor(t.codebook.scale), POWERS[variant])
+            else:
+                snapped = snapped_straight_through(t.weight, t.codebook)
             shadowed.append(t)
             object.__setattr__(t.module, t.attribute, snapped)  # shadows the Parameter
         yield model

@@ -31,6 +31,7 @@ from qareg.quantize import (
     prepare,
     quantized_tensors,
     require_codebooks,
+    weighted_sum,
 )
 from qareg.rate import model_rate_bits
 from qareg.straight_through import straight_through
@@ -227,9 +228,11 @@ class QaregMethod(Method):
 
     def forward_context(self, model: nn.Module, progress: Progress
                         ) -> AbstractContextManager[Any]:
-        """Snapped forward passes in the last `snapped_fraction` of training."""
+        """Snapped forward passes in the last `snapped_fraction` of training; the penalty's
+        terms found in the same pass where it can (`straight_through`'s `penalty_terms`)."""
+        self._fused_terms: dict[str, Tensor] = {}
         if self.config.in_snapped_phase(progress.fraction):
-            return straight_through(model)
+            return straight_through(model, self._fused_terms, self.config.variant)
         return nullcontext()
 
     def lam(self, progress: Progress) -> float:
@@ -237,8 +240,12 @@ class QaregMethod(Method):
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
         c = self.config
-        term = penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
-                       layer_weights=c.layer_weights)
+        fused, self._fused_terms = getattr(self, "_fused_terms", {}), {}
+        if fused:  # computed by this step's snapped forward pass, at the same weights
+            term = weighted_sum(fused, c.layer_weights)
+        else:
+            term = penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
+                           layer_weights=c.layer_weights)
         if c.rate > 0:
             term = term + c.rate * model_rate_bits(quantized_tensors(model), c.rate_temperature)
         return term
