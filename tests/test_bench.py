@@ -102,6 +102,10 @@ def test_a_results_file_of_another_recipe_is_refused(finished, fashion_dir):
     ({"method_configs": {"nope": {}}}, "unknown method 'nope'"),
     ({"method_configs": {"qareg": {"lamda": 1}}}, "unknown key lamda"),
     ({"method_configs": {"qareg": {"lam": -1}}}, "lam must be a number >= 0"),
+    ({"variants": {"qareg": {"method": "qareg"}}}, "must be a new name"),
+    ({"variants": {"q0": {"zero": True}}}, "must give method: one of"),
+    ({"variants": {"q0": {"method": "qareg", "zero": 1}}}, "zero"),
+    ({"methods": ("q0",), "variants": {"q1": {"method": "qareg"}}}, "unknown 'q0'"),
 ])
 def test_bad_bench_configs_name_the_value(fashion_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -134,3 +138,34 @@ def test_rows_give_each_tensor_s_k(finished):
         assert set(row["layers"]) == set(row["histograms"])
         assert all(layer["k"] == row["k"] and layer["distinct"] <= layer["k"]
                    for layer in row["layers"].values())
+
+
+def test_variants_run_as_methods_of_their_own_through_the_config_file(fashion_dir, tmp_path,
+                                                                       capsys):
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"""
+bench:
+  model: lenet5
+  methods: [qareg, qareg-zero]
+  bits: [2]
+  seeds: [0]
+  pretrain_epochs: 1
+  epochs: 1
+  batch_size: 64
+  val_size: 200
+  augment: false
+  data_dir: {fashion_dir}
+methods:
+  qareg: {{lam: 0.5}}
+variants:
+  qareg-zero: {{method: qareg, zero: true}}
+""")
+    out = tmp_path / "v.jsonl"
+    assert main(["bench", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    rows = {row["method"]: row for row in rows_of(out)}
+    assert set(rows) == {"fp", "qareg", "qareg-zero"}
+    zero = rows["qareg-zero"]
+    assert zero["variant_of"] == "qareg" and "variant_of" not in rows["qareg"]
+    assert zero["config"]["zero"] and zero["config"]["lam"] == 0.5  # the method's, then its own
+    assert zero["sparsity"] > 0 and rows["qareg"]["sparsity"] == 0
+    assert all(0 <= row["val_accuracy"] <= 100 for m, row in rows.items() if m != "fp")

@@ -73,6 +73,10 @@ class BenchConfig:
     augment: bool = True  # the dataset's usual augmentation, in both phases
     device: str = "cpu"  # cpu, cuda, cuda:N or mps
     method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fields
+    # named configurations of a registered method, run as methods of their own: name ->
+    # {"method": registered name, field: value, ...}; they take the bench's method_configs
+    # of that method, then their fields (e.g. qareg-zero: {method: qareg, zero: true})
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     # trials per training method and bit-width: the first N of its `search_space`, chosen on
     # the validation split of the first seed and kept for the others; 0: no tuning
     tune_trials: int = 0
@@ -92,7 +96,8 @@ class BenchConfig:
                    augment=self.augment)
         TrainConfig(model=self.model, epochs=self.epochs, batch_size=self.batch_size,
                     lr=self.pretrain_lr, device=self.device)
-        valid = [m for m in list_methods() if METHODS.get(m).quantizes]
+        self._check_variants()
+        valid = [m for m in list_methods() if METHODS.get(m).quantizes] + list(self.variants)
         object.__setattr__(self, "methods", _check_names("methods", self.methods, valid))
         object.__setattr__(self, "bits", tuple(sorted(_check_numbers(
             "bits", self.bits, check_bits_or_budget, "bit-widths (or fractional budgets)"))))
@@ -121,8 +126,10 @@ class BenchConfig:
                                   f"({self.tuning_from!r}), not both")
             if not Path(self.tuning_from).is_file():
                 raise ConfigError(f"tuning_from: {self.tuning_from!r} is not a results file")
+        for name in self.variants:
+            self.method(name)  # a variant's fields are validated now
         for name in self.tuned_methods():
-            space = METHODS.get(name).search_space
+            space = self.method_class(name).search_space
             if len(space) < self.tune_trials:
                 raise ConfigError(f"tune_trials={self.tune_trials}: method {name!r} has "
                                   f"{len(space)} candidates in its search_space; give at most "
@@ -130,16 +137,43 @@ class BenchConfig:
             for choice in self.candidates(name):
                 self.method(name, choice)  # every candidate is a valid config
 
+    def _check_variants(self) -> None:
+        if not isinstance(self.variants, dict):
+            raise ConfigError(f"variants must map names to {{method: NAME, field: value}}, got "
+                              f"{self.variants!r}")
+        registered = [m for m in list_methods() if METHODS.get(m).quantizes]
+        for name, fields in self.variants.items():
+            if not isinstance(name, str) or name in list_methods():
+                raise ConfigError(f"variants: {name!r} must be a new name, not a registered "
+                                  f"method ({', '.join(list_methods())})")
+            if not isinstance(fields, dict) or fields.get("method") not in registered:
+                raise ConfigError(f"variants: {name!r} must give method: one of "
+                                  f"{', '.join(registered)}; got {fields!r}")
+
+    def base_name(self, name: str) -> str:
+        """The registered method behind `name` (itself, or a variant's method)."""
+        return self.variants[name]["method"] if name in self.variants else name
+
+    def method_class(self, name: str) -> type[Method]:
+        """The class of method or variant `name`."""
+        return METHODS.get(self.base_name(name))
+
     def method(self, name: str, choice: dict[str, Any] | None = None) -> Method:
-        """A fresh instance of method `name` with this bench's config for it, and the
-        options of a tuning `choice` over it (its "lr", if any, goes to the training)."""
+        """A fresh instance of method (or variant) `name` with this bench's config for it,
+        and the options of a tuning `choice` over it (its "lr", if any, goes to the
+        training). A variant's instance carries the variant's name, which its rows get."""
         options = {key: value for key, value in (choice or {}).items() if key != "lr"}
-        return create_method(name, {**self.method_configs.get(name, {}), **options})
+        base = self.base_name(name)
+        own = {k: v for k, v in self.variants.get(name, {}).items() if k != "method"}
+        method = create_method(base, {**self.method_configs.get(base, {}), **own, **options})
+        if name != base:
+            method.name = name  # shadows the registered name for this instance
+        return method
 
     def runs_at(self, name: str, bits: int | float) -> bool:
         """Whether method `name` runs at `bits`: a fractional budget only if it takes one;
         with quantized activations, only if it trains."""
-        cls = METHODS.get(name)
+        cls = self.method_class(name)
         if self.act_bits is not None and cls.trains_in_full_precision():
             return False
         return not is_budget(bits) or cls.budgets
@@ -155,13 +189,14 @@ class BenchConfig:
         if not self.tune_trials and self.tuning_from is None:
             return []
         return [name for name in self.methods
-                if not METHODS.get(name).trains_in_full_precision()]
+                if not self.method_class(name).trains_in_full_precision()]
 
     def candidates(self, name: str) -> list[dict[str, Any]]:
         """The choices tried for method `name`: one untuned ({}) when it is not tuned."""
         if name not in self.tuned_methods() or not self.tune_trials:
             return [{}]
-        return [dict(choice) for choice in METHODS.get(name).search_space[:self.tune_trials]]
+        space = self.method_class(name).search_space
+        return [dict(choice) for choice in space[:self.tune_trials]]
 
     def pretraining(self, seed: int) -> TrainConfig:
         return TrainConfig(model=self.model, epochs=self.pretrain_epochs, optimizer="sgd",

@@ -50,7 +50,7 @@ from qareg.engine import convert_with_data, train
 from qareg.errors import ConfigError
 from qareg.evaluation import evaluate
 from qareg.memory import peak_bytes, reset_peak
-from qareg.methods import METHODS, Method
+from qareg.methods import Method
 from qareg.methods.parametrized import latent_weight
 from qareg.models import create_model
 from qareg.provenance import provenance
@@ -92,8 +92,8 @@ class Bench:
         self.borrowed = None  # (method, bits) -> choice, from config.tuning_from
         if config.tuning_from is not None:
             self.borrowed = read_choices(Path(config.tuning_from), [
-                (name, bits) for name in config.tuned_methods() for bits in config.bits
-                if config.runs_at(name, bits)])
+                (config.base_name(name), bits) for name in config.tuned_methods()
+                for bits in config.bits if config.runs_at(name, bits)])
 
     def planned(self) -> list[RunKey]:
         """Every run of the bench, in the order it is run (the reference first per seed)."""
@@ -217,7 +217,7 @@ class Bench:
         if tune_bits is not None:
             judged_at = [tune_bits]
         if self.borrowed is not None:
-            choice = self.borrowed[(name, judged_at[0])]
+            choice = self.borrowed[(self.config.base_name(name), judged_at[0])]
             return self._train_choice(name, choice, bits, seed), {
                 "choice": choice, "from": self.config.tuning_from}
         if seed != first or (bits is not None and bits != judged_at[0]):
@@ -243,7 +243,7 @@ class Bench:
     def _run_method(self, name: str, bits_list: list[int], seed: int
                     ) -> Iterator[dict[str, Any]]:
         """The rows of method `name` at `bits_list` for `seed`, each as soon as it is done."""
-        cls = METHODS.get(name)
+        cls = self.config.method_class(name)
         start_model = self.pretrained(seed)
         names = select_tensors(start_model)
         before = latent_weights(start_model, names)
@@ -279,7 +279,8 @@ class Bench:
 
     def _base_row(self, trained: Trained, bits: int, seed: int) -> dict[str, Any]:
         c, method = self.config, trained.method
-        return {"method": method.name, "bits": bits, "seed": seed, "model": c.model,
+        variant = {"variant_of": c.base_name(method.name)} if method.name in c.variants else {}
+        return {"method": method.name, **variant, "bits": bits, "seed": seed, "model": c.model,
                 "dataset": c.dataset, "epochs": c.epochs, "pretrain_epochs": c.pretrain_epochs,
                 **trained.stats, "recipe": c.recipe(), "config": method.options(),
                 "train": as_dict(c.method_training(method, seed, trained.choice)),
@@ -306,6 +307,8 @@ class Bench:
         report = convert_with_data(model, self.splits, self.config.method_training(
             method, seed, trained.choice), method, bits)
         quantize_seconds = time.perf_counter() - start
+        # the validation split too: choices between rows (a variant for a default) read it
+        val_accuracy = evaluate(model, self.splits.val, self.splits, self.config.device)
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         grids = {t.name: t.codebook.representatives().detach().cpu()
                  for t in quantized_tensors(model)}
@@ -315,6 +318,7 @@ class Bench:
         row = self._base_row(trained, bits, seed)
         row.update(
             accuracy=accuracy,
+            val_accuracy=val_accuracy,
             k=max(t.k for t in report.tensors),
             bits_per_weight=report.bits_per_weight,
             file_bytes=stored.file_bytes,

@@ -11,7 +11,7 @@ from qareg.cli.flags import add_flags, build, field_flags, given_values, read_co
 from qareg.cli.output import check_new_file, check_output, progress_bars, say
 from qareg.errors import ConfigError
 
-BENCH_SECTIONS = ("bench", "methods")
+BENCH_SECTIONS = ("bench", "methods", "variants")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +22,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "resumable, one JSON line per run")
     p.add_argument("--out", required=True, help="JSON-lines results file; runs already in it "
                    "are not rerun")
-    p.add_argument("--config", help="YAML file with sections bench (these flags) and methods "
-                   "(method name -> its options)")
+    p.add_argument("--config", help="YAML file with sections bench (these flags), methods "
+                   "(method name -> its options) and variants (new name -> {method: NAME, "
+                   "options...}, run as methods of their own)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn only on a terminal anyway)")
-    add_flags(p.add_argument_group("BenchConfig"), field_flags(BenchConfig,
-                                                               skip=("method_configs",)))
+    add_flags(p.add_argument_group("BenchConfig"), field_flags(
+        BenchConfig, skip=("method_configs", "variants")))
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("report", help="markdown table and plots from bench result files")
@@ -46,17 +47,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> Any:
-    """BenchConfig: defaults < config file (section bench; section methods: name -> options)
-    < flags. The file is checked whole, its errors naming it."""
+    """BenchConfig: defaults < config file (section bench; section methods: name -> options;
+    section variants: name -> {method, options}) < flags. The file is checked whole, its
+    errors naming it."""
     from qareg.bench import BenchConfig
 
     sections = read_config_file(args.config, BENCH_SECTIONS)
     values = dict(sections.get("bench", {}))
     if sections.get("methods"):
         values["method_configs"] = sections["methods"]
+    if sections.get("variants"):
+        values["variants"] = sections["variants"]
     if args.config is not None:
         build(BenchConfig, values, f"config file {args.config!r}")
-    flags = field_flags(BenchConfig, skip=("method_configs",))
+    flags = field_flags(BenchConfig, skip=("method_configs", "variants"))
     return build(BenchConfig, {**values, **given_values(args, flags)}, "bench")
 
 
