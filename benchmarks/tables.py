@@ -5,6 +5,7 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py tuning benchmarks/results/suite-lenet5.jsonl
     python benchmarks/tables.py sizes benchmarks/results/suite-lenet5.jsonl --seed 0
     python benchmarks/tables.py variants benchmarks/results/variants-cnn4.jsonl
+    python benchmarks/tables.py size-explore benchmarks/results/size-explore-lenet5.jsonl
     python benchmarks/tables.py assignment benchmarks/results/assignment-cnn4.jsonl
     python benchmarks/tables.py defaults benchmarks/results/method-defaults-lenet5.jsonl
     python benchmarks/tables.py storage benchmarks/results/storage-vgg16.jsonl
@@ -100,6 +101,23 @@ def variants(rows: Rows, args: argparse.Namespace) -> str:
     return variants_table(rows)
 
 
+def size_explore(rows: Rows, args: argparse.Namespace) -> str:
+    """Configurations compared on the validation split (the test column is not shown: it
+    is not what chooses): per bits, validation accuracy, file bytes, stored bits, zeros."""
+    chosen = sorted((r for r in rows if r["method"] != "fp"),
+                    key=lambda r: (r["bits"], r["file_bytes"]))
+    fp = [r for r in rows if r["method"] == "fp"]
+    lines = [f"full precision: {len(fp)} row(s); seeds {sorted({r['seed'] for r in rows})}", "",
+             "| bits | method | val acc % | file bytes | stored bits/weight | zeros "
+             "| k per tensor |", "|--:|:--|--:|--:|--:|--:|:--|"]
+    for r in chosen:
+        ks = " ".join(str(layer["k"]) for layer in (r.get("layers") or {}).values())
+        lines.append(f"| {r['bits']} | {r['method']} | {r['val_accuracy']:.2f} | "
+                     f"{r['file_bytes']:,} | {r['stored_bits_per_weight']:.3f} | "
+                     f"{r.get('sparsity') or 0:.1%} | {ks} |")
+    return "\n".join(lines)
+
+
 def assignment(rows: Rows, args: argparse.Namespace) -> str:
     fp = next(r for r in rows if r["variant"] == "full-precision")
     lines = ["| fine-tuning | val | drop |", "|---|--:|--:|",
@@ -188,7 +206,7 @@ def deploy(rows: Rows, args: argparse.Namespace) -> str:
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
     "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
-    "cost": cost, "deploy": deploy,
+    "cost": cost, "deploy": deploy, "size-explore": size_explore,
 }
 
 
