@@ -65,3 +65,23 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, failing)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_the_commit_is_read_once_per_process_and_results_do_not_make_it_dirty(
+        tmp_path, monkeypatch):
+    from qareg import provenance
+
+    calls = []
+    real_run = provenance.subprocess.run
+
+    def counting(args, **kwargs):
+        calls.append(args)
+        return real_run(args, **kwargs)
+
+    provenance.git_commit.cache_clear()
+    monkeypatch.setattr(provenance.subprocess, "run", counting)
+    first = provenance.git_commit()
+    assert provenance.git_commit() == first and len(calls) <= 2  # cached: read once
+    status = [a for a in calls if "status" in a]
+    assert all(set(provenance.NOT_CODE) <= set(a) for a in status)
+    provenance.git_commit.cache_clear()

@@ -53,7 +53,7 @@ from qareg.memory import peak_bytes, reset_peak
 from qareg.methods import Method
 from qareg.methods.parametrized import latent_weight
 from qareg.models import create_model
-from qareg.provenance import provenance
+from qareg.provenance import git_commit, provenance
 from qareg.quantize import quantized_tensors, select_tensors
 from qareg.report.histograms import histogram_record
 
@@ -84,6 +84,7 @@ class Bench:
 
     def __init__(self, config: BenchConfig, out: str | Path, progress: bool = True) -> None:
         self.config = config
+        git_commit()  # read now: rows record the code this process started with
         self.out = Path(out)
         self.cache = self.out.with_name(self.out.name + ".cache")  # pretrained networks
         self.progress = progress
