@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qareg
-from qareg.budget import meet_budget
+from qareg.budget import meet_budget, training_cuts
 from qareg.compress import save_compressed
 from qareg.config import TrainConfig
 from qareg.engine import convert_with_data, train
@@ -155,3 +155,55 @@ def test_fisher_sensitivity_is_positive_and_leaves_the_model_alone(tiny_splits):
     assert model.training and all(torch.equal(p, before[n])
                                    for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_cuts_give_the_assignment_meet_budget_makes(tmp_path):
+    model = prepared(4)
+    twin = copy.deepcopy(model)
+    mu = training_cuts(model, 0.8, sample=1 << 20)  # every weight: the shares exactly
+    assert mu > 0
+    under_cuts = {t.name: t.codebook.assign(t.weight) for t in quantized_tensors(model)}
+    meet_budget(twin, 0.8)  # snaps to the same assignment, dropping unused representatives
+    for t in quantized_tensors(twin):
+        values = {t.name: t for t in quantized_tensors(model)}[t.name].codebook
+        expected = values.representatives()[under_cuts[t.name]].to(t.weight.dtype)
+        # the same but for weights within float rounding of a boundary (computed in float64
+        # on weights / scale, applied in float32 to the weights)
+        assert (t.weight != expected).float().mean() <= 1e-3, t.name
+    meet_budget(model, 0.8)  # the cuts are cleared: conversion is the nearest rule again
+    assert all(t.codebook.cuts is None for t in quantized_tensors(model))
+
+
+def test_qareg_trained_under_its_budget_s_assignment_loses_less_when_it_is_met(tiny_splits):
+    results = {}
+    for steps in (0, 10):
+        torch.manual_seed(0)
+        model = qareg.create_model("lenet5", 10, 1, 28)
+        config = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3)
+        train(model, tiny_splits, config, progress=False)
+        method = create_method("qareg", {"budget_steps": steps})
+        method.prepare(model, 0.6, seed=0)
+        train(model, tiny_splits, config, method, progress=False)
+        before = qareg.engine.evaluate(model, tiny_splits.val, tiny_splits)
+        method.convert(model, 0.6)
+        results[steps] = before - qareg.engine.evaluate(model, tiny_splits.val, tiny_splits)
+    assert results[10] < results[0]  # the budget's assignment was learned, not imposed
+
+
+def test_a_budget_keeps_the_pinned_zero_and_what_was_assigned(tmp_path):
+    model = prepared(4)
+    for t in quantized_tensors(model):
+        t.codebook.zero = True
+        t.codebook.project_()
+    meet_budget(model, 0.6)
+    snapped = {t.name: t.weight.detach().clone() for t in quantized_tensors(model)}
+    qareg.convert(model)  # the projection must not move another value to zero
+    for t in quantized_tensors(model):
+        assert torch.equal(t.weight, snapped[t.name]), t.name
+        assert int((t.codebook.representatives() == 0).sum()) == 1
+
+
+def test_a_budget_under_one_bit_with_a_zero_starts_ternary():
+    method = create_method("qareg", {"zero": True})
+    method.prepare(qareg.create_model("lenet5", 10, 1, 28), 0.75, seed=0)
+    assert method.codebook_size(0.75) == 3 and create_method("qareg").codebook_size(0.75) == 2

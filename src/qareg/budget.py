@@ -33,6 +33,7 @@ from qareg.quantize import QuantizedTensor, require_codebooks
 from qareg.validate import check_float
 
 ROUNDS = 8  # assignment / share updates per tensor and mu
+SAMPLE = 1 << 15  # weights per tensor that estimate the shares while training (training_cuts)
 BISECTIONS = 40
 CODEBOOK_BYTES = 4  # float32 representatives
 
@@ -57,8 +58,10 @@ def _envelope(centers: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.array(keep), np.array(cuts)
 
 
-def _assign(x: np.ndarray, centers: np.ndarray, mu: float, start: np.ndarray) -> np.ndarray:
-    """Entropy-constrained assignment of `x` to `centers`, from the shares of `start`."""
+def _assign(x: np.ndarray, centers: np.ndarray, mu: float, start: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy-constrained assignment of `x` to `centers`, from the shares of `start`; and
+    the (k - 1,) boundaries that make it (`_boundaries`)."""
     index = start
     for _ in range(ROUNDS):
         counts = np.bincount(index, minlength=centers.size).astype(np.float64)
@@ -68,10 +71,23 @@ def _assign(x: np.ndarray, centers: np.ndarray, mu: float, start: np.ndarray) ->
         alive = np.flatnonzero(used)
         keep, cuts = _envelope(centers[alive], mu * lengths[alive])
         new = alive[keep][np.searchsorted(cuts, x, side="left")]
-        if np.array_equal(new, index):
-            break
+        converged = np.array_equal(new, index)
         index = new
-    return index
+        if converged:
+            break
+    return index, _boundaries(centers.size, alive[keep], cuts)
+
+
+def _boundaries(k: int, winners: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """(k - 1,) boundaries between k representatives, of which `winners` (ascending) win
+    between `cuts`: a representative that wins nowhere gets an empty interval (its two
+    boundaries equal), so that counting the boundaries below a value gives its index."""
+    bounds = np.empty(k - 1)
+    bounds[:winners[0]] = -np.inf
+    for i, cut in enumerate(cuts):
+        bounds[winners[i]:winners[i + 1]] = cut
+    bounds[winners[-1]:] = np.inf
+    return bounds
 
 
 def _index_bytes(counts: np.ndarray) -> float:
@@ -94,31 +110,27 @@ class _Tensor:
     centers: np.ndarray  # representatives in the same units
     nearest: np.ndarray  # assignment by nearest representative
     sensitivity: float  # weight of this tensor's distortion against the model's bits
+    count: int  # weights in the tensor (x may be a sample of them)
 
 
 def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
     total_bytes, assignments = 0.0, []
     for s in states:
-        index = (_assign(s.x, s.centers, mu / max(s.sensitivity, 1e-30), s.nearest) if mu > 0
-                 else s.nearest)
-        counts = np.bincount(index, minlength=s.centers.size)
+        index = (_assign(s.x, s.centers, mu / max(s.sensitivity, 1e-30), s.nearest)[0]
+                 if mu > 0 else s.nearest)
+        counts = np.bincount(index, minlength=s.centers.size) * (s.count / s.x.size)
         used = max(2, int((counts > 0).sum()))
         total_bytes += _index_bytes(counts) + CODEBOOK_BYTES * used
         assignments.append(index)
-    weights = sum(s.x.size for s in states)
+    weights = sum(s.count for s in states)
     return 8 * total_bytes / weights, assignments
 
 
-@torch.no_grad()
-def meet_budget(model: nn.Module, bits_per_weight: float,
-                sensitivity: Mapping[str, float] | None = None) -> float:
-    """Reassign the quantized weights of prepared `model` so that its stored index and
-    codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
-    drops unused representatives (k shrinks, never below 2). `sensitivity` (tensor name ->
-    weight, e.g. `fisher_sensitivity`) weights each tensor's distortion; by default all
-    count alike. Returns the bits estimated for the file (the real file is within a few
-    bytes per tensor of it)."""
-    check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
+def _states(model: nn.Module, sensitivity: Mapping[str, float] | None,
+            sample: int | None = None) -> list[_Tensor]:
+    """Every quantized tensor of `model` as the assignment sees it: its weights in scale
+    units (every `n // sample`-th of them with `sample`), representatives, nearest indices
+    and sensitivity. Any cuts of an earlier training are cleared: the nearest rule starts."""
     tensors = require_codebooks(model)
     grouped = [t.name for t in tensors if not t.codebook.plain]
     if grouped:
@@ -131,24 +143,48 @@ def meet_budget(model: nn.Module, bits_per_weight: float,
     states = []
     for t in tensors:
         t.codebook.project_()
+        t.codebook.cuts = None
         scale = float(t.codebook.scale)
-        x = (t.weight.detach().double().cpu().reshape(-1) / scale).numpy()
+        flat = t.weight.detach().reshape(-1)
+        step = 1 if sample is None else max(1, flat.numel() // sample)
+        x = (flat[::step].double().cpu() / scale).numpy()
         centers = t.codebook.normalized.detach().double().cpu().numpy()
-        nearest = t.codebook.assign(t.weight).cpu().reshape(-1).numpy()
-        states.append(_Tensor(t, x, centers, nearest, sensitivity.get(t.name, 1.0)))
-    bits, assignments = _stored_bits(states, 0.0)
-    if bits > bits_per_weight:
-        low, high = 0.0, 1.0
-        while _stored_bits(states, high)[0] > bits_per_weight:
-            high *= 4
-            if high > 1e12:
-                raise ConfigError(f"bits_per_weight={bits_per_weight}: the model cannot be "
-                                  "stored that small (every tensor keeps two representatives)")
-        for _ in range(BISECTIONS):
-            mid = (low + high) / 2
-            low, high = (mid, high) if _stored_bits(states, mid)[0] > bits_per_weight else (
-                low, mid)
-        bits, assignments = _stored_bits(states, high)
+        nearest = t.codebook.assign(flat[::step]).cpu().numpy()
+        states.append(_Tensor(t, x, centers, nearest, sensitivity.get(t.name, 1.0),
+                              flat.numel()))
+    return states
+
+
+def _multiplier(states: list[_Tensor], bits_per_weight: float) -> float:
+    """The smallest mu (to bisection precision) whose assignment meets the budget; 0 when
+    the nearest assignment already does."""
+    if _stored_bits(states, 0.0)[0] <= bits_per_weight:
+        return 0.0
+    low, high = 0.0, 1.0
+    while _stored_bits(states, high)[0] > bits_per_weight:
+        high *= 4
+        if high > 1e12:
+            raise ConfigError(f"bits_per_weight={bits_per_weight}: the model cannot be "
+                              "stored that small (every tensor keeps two representatives)")
+    for _ in range(BISECTIONS):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _stored_bits(states, mid)[0] > bits_per_weight else (
+            low, mid)
+    return high
+
+
+@torch.no_grad()
+def meet_budget(model: nn.Module, bits_per_weight: float,
+                sensitivity: Mapping[str, float] | None = None) -> float:
+    """Reassign the quantized weights of prepared `model` so that its stored index and
+    codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
+    drops unused representatives (k shrinks, never below 2). `sensitivity` (tensor name ->
+    weight, e.g. `fisher_sensitivity`) weights each tensor's distortion; by default all
+    count alike. Returns the bits estimated for the file (the real file is within a few
+    bytes per tensor of it)."""
+    check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
+    states = _states(model, sensitivity)
+    bits, assignments = _stored_bits(states, _multiplier(states, bits_per_weight))
     for s, index in zip(states, assignments, strict=True):
         _apply(s.t, s.centers, index)
     return bits
@@ -156,8 +192,10 @@ def meet_budget(model: nn.Module, bits_per_weight: float,
 
 def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
     """Snap `t`'s weight to `centers[index]`, keeping only the representatives in use (at
-    least two)."""
+    least two, and a pinned zero)."""
     used = np.flatnonzero(np.bincount(index, minlength=centers.size))
+    if t.codebook.zero:  # the pinned 0 stays, used or not: projection would pin another
+        used = np.union1d(used, np.flatnonzero(centers == 0))
     if used.size < 2:  # keep the neighbour too: a codebook has two values at least
         extra = used[0] + 1 if used[0] + 1 < centers.size else used[0] - 1
         used = np.sort(np.append(used, extra))
@@ -170,6 +208,25 @@ def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
     snapped = (codebook.representatives().to(weight.dtype)[torch.from_numpy(
         remap[index]).to(weight.device)]).reshape(weight.shape)
     weight.copy_(snapped)
+
+
+@torch.no_grad()
+def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE
+                  ) -> float:
+    """Set each codebook's `cuts` to the boundaries of the entropy-constrained assignment
+    that meets `bits_per_weight` now (`meet_budget`'s, all tensors weighted alike, shares
+    estimated on every `n // sample`-th weight), so that snapped training passes and the
+    penalty use the assignment the file will have, and the network learns under it.
+    Returns the multiplier mu (0: the nearest rule already meets the budget)."""
+    check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
+    states = _states(model, None, sample)
+    mu = _multiplier(states, bits_per_weight)
+    if mu == 0:
+        return mu
+    for s in states:
+        s.t.codebook.cuts = torch.from_numpy(_assign(s.x, s.centers, mu / s.sensitivity,
+                                                     s.nearest)[1])
+    return mu
 
 
 def fisher_sensitivity(model: nn.Module, batches: Iterable, max_batches: int = 4

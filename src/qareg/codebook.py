@@ -90,6 +90,10 @@ class Codebook(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
         # (C,) fixed per-channel scales, or None: weights are channel_scale[c] * a value
         self.register_buffer("channel_scale", torch.ones(channels) if channels else None)
+        # (k - 1,) float64 boundaries between representatives in units of `scale`, set while
+        # training under a size budget (an entropy-constrained assignment, `qareg.budget`);
+        # None: the nearest rule's midpoints. Not saved: training sets them again.
+        self.cuts: Tensor | None = None
         self.project_()
 
     @classmethod
@@ -141,6 +145,16 @@ class Codebook(nn.Module):
         the channel scales when it has them; differentiable."""
         return self.normalized * self.scale
 
+    def boundaries(self, dtype: torch.dtype) -> Tensor | None:
+        """The assignment's boundaries in the tensor's units and `dtype` where `cuts` are
+        set (plain codebooks only); None: the nearest rule."""
+        if self.cuts is None:
+            return None
+        assert self.plain and self.cuts.numel() == self.k - 1, (
+            f"cuts of {self.cuts.numel()} values for a codebook of k={self.k}, plain: "
+            f"{self.plain}")
+        return (self.cuts.double() * self.scale.double().cpu()).to(dtype)
+
     def normalize(self, values: Tensor) -> Tensor:
         """`values` divided by their channel's scale (as they are without channel scales);
         differentiable."""
@@ -180,7 +194,7 @@ class Codebook(nn.Module):
         """Index of the nearest representative for every value of `values` (the rule of
         `qareg.nearest`; per group, in channel-scale units, when grouped)."""
         if self.plain:
-            return assign(values, self.representatives())
+            return assign(values, self.representatives(), self.boundaries(values.dtype))
         table = self.representatives().detach().reshape(self.groups, self.k)
         parts = self.split(self.normalize(values.detach()))
         return torch.cat([assign(part, row.to(part))

@@ -57,14 +57,19 @@ def midpoints(representatives: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(too_high, lower, rounded)
 
 
-def assign(values: Tensor, representatives: Tensor) -> Tensor:
+def assign(values: Tensor, representatives: Tensor, boundaries: Tensor | None = None
+           ) -> Tensor:
     """Index of the nearest representative (the rule above) for every entry of `values`:
     an int64 tensor of `values`' shape. `representatives` (k,) must be strictly increasing.
+    `boundaries` (k - 1,), non-decreasing, replace the midpoints where given (an
+    entropy-constrained assignment, `qareg.budget`): index = boundaries below the value.
 
     O(N log k) time and no N x k matrix: a binary search of the k - 1 boundaries, compiled
     on the CPU for float32 and float64 tensors of COMPILED_MIN_NUMEL entries or more.
     """
-    boundaries = midpoints(representatives, values.dtype).to(values.device)  # (k - 1,)
+    if boundaries is None:
+        boundaries = midpoints(representatives, values.dtype)
+    boundaries = boundaries.to(device=values.device, dtype=values.dtype)  # (k - 1,)
     flat = values.detach()
     if nearest_cpu.supports(flat) and flat.numel() >= COMPILED_MIN_NUMEL:
         return nearest_cpu.assign(flat, boundaries)

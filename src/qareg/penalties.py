@@ -42,18 +42,23 @@ def _mean_square(w: Tensor, scale: Tensor) -> Tensor:
     return w.square().mean().clamp_min(penalty_floor(scale))
 
 
-def hard_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
-    """Mean squared distance to the nearest representative, over the mean square."""
-    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["hard"])
+def hard_penalty(weights: Tensor, representatives: Tensor, scale: Tensor,
+                 boundaries: Tensor | None = None) -> Tensor:
+    """Mean squared distance to the nearest representative (or the one `boundaries`
+    assign), over the mean square."""
+    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["hard"],
+                                boundaries)
 
 
-def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor) -> Tensor:
+def abs_penalty(weights: Tensor, representatives: Tensor, scale: Tensor,
+                boundaries: Tensor | None = None) -> Tensor:
     """Mean absolute distance to the nearest representative, over the root mean square.
 
     The pull has constant strength, so weights settle exactly on a representative once it
     exceeds the task gradient, instead of hovering near it as with squared distances.
     """
-    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["abs"])
+    return NearestPenalty.apply(weights, representatives, penalty_floor(scale), POWERS["abs"],
+                                boundaries)
 
 
 def soft_penalty(
@@ -80,12 +85,14 @@ def soft_penalty(
 
 
 def tensor_penalty(
-    variant: str, weights: Tensor, representatives: Tensor, scale: Tensor, temperature: float
+    variant: str, weights: Tensor, representatives: Tensor, scale: Tensor, temperature: float,
+    boundaries: Tensor | None = None,
 ) -> Tensor:
-    """Dispatch to one of `VARIANTS` (validated by the caller's config)."""
+    """Dispatch to one of `VARIANTS` (validated by the caller's config); `boundaries` (an
+    entropy-constrained assignment) reach the hard and abs terms, the soft one is nearest."""
     if variant == "hard":
-        return hard_penalty(weights, representatives, scale)
+        return hard_penalty(weights, representatives, scale, boundaries)
     if variant == "abs":
-        return abs_penalty(weights, representatives, scale)
+        return abs_penalty(weights, representatives, scale, boundaries)
     assert variant == "soft", f"unknown penalty variant {variant!r}, expected one of {VARIANTS}"
     return soft_penalty(weights, representatives, scale, temperature)

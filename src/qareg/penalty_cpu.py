@@ -142,8 +142,8 @@ def _gradient(weights, saved, representatives, power, scale_d, scale_w, out):  #
             out[i] = scale_d * np.sign(value - representatives[saved[i]]) + scale_w * value
 
 
-def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Tensor
-                 ) -> tuple[Tensor, float, float]:
+def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Tensor,
+                 boundaries: Tensor | None = None) -> tuple[Tensor, float, float]:
     """Fill `saved` with each weight's nearest index; return the (k,) float64 sums of
     |d|^(p-1) sign(d) per representative, the sum of w^2 and the sum of |d|^p.
 
@@ -154,7 +154,8 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     _, parts = thread_plan(n)
     totals = np.zeros((parts, 2), dtype=np.float64)
     w, c, out = weights.numpy(), representatives.numpy(), saved.numpy()
-    boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
+    if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
+        boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
     if linear(k, power):
         suffix = np.zeros((parts, 2, k + 1), dtype=np.float64)  # sums, counts above
         _forward_linear(w, boundaries.numpy(), c, out, suffix, totals)

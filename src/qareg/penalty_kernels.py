@@ -29,7 +29,8 @@ from qareg.nearest import index_dtype, midpoints
 CHUNK = 1 << 22  # entries per slice of the torch path: bounds the temporaries' memory
 
 
-def _sums_torch(w: Tensor, representatives: Tensor, power: int
+def _sums_torch(w: Tensor, representatives: Tensor, power: int,
+                boundaries: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward pass's per-weight and per-tensor quantities with torch ops, through
     slices: (saved, table, pull, sum of w^2, sum of |d|^p).
@@ -40,7 +41,9 @@ def _sums_torch(w: Tensor, representatives: Tensor, power: int
     """
     n, k = w.numel(), representatives.numel()
     table = representatives.detach().to(w.dtype)  # (k,)
-    boundaries = midpoints(table, w.dtype).to(w.device)  # (k - 1,)
+    if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
+        boundaries = midpoints(table, w.dtype)
+    boundaries = boundaries.to(device=w.device, dtype=w.dtype)  # (k - 1,)
     saved = torch.empty(n, dtype=index_dtype(k), device=w.device)
     pull = torch.zeros(k, dtype=w.dtype, device=w.device)
     sum_square = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -55,13 +58,16 @@ def _sums_torch(w: Tensor, representatives: Tensor, power: int
     return saved, table, pull, sum_square, sum_distance
 
 
-def _sums_cpu(w: Tensor, representatives: Tensor, power: int
+def _sums_cpu(w: Tensor, representatives: Tensor, power: int,
+              boundaries: Tensor | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_sums_torch` in one parallel compiled pass (`qareg.penalty_cpu`)."""
     table = representatives.detach().to(w.dtype)  # (k,)
     saved = torch.empty(w.numel(), dtype=index_dtype(table.numel()))
+    if boundaries is not None:
+        boundaries = boundaries.to(dtype=w.dtype)
     pull, sum_square, sum_distance = penalty_cpu.forward_sums(w.contiguous(), table, power,
-                                                              saved)
+                                                              saved, boundaries)
     sums = torch.tensor([sum_square, sum_distance], dtype=torch.float64)
     return saved, table, pull, sums[0], sums[1]
 
@@ -84,14 +90,15 @@ def _gradient_torch(weights: Tensor, saved: Tensor, table: Tensor, power: int, s
 
 
 def _penalty_forward(ctx, weights: Tensor, representatives: Tensor, floor: Tensor,  # noqa: ANN001
-                     power: int) -> tuple[Tensor, Tensor, Tensor]:
+                     power: int, boundaries: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """P's value (module docstring), its saved state put on `ctx`; returns (value, saved
-    indices, table)."""
+    indices, table). `boundaries` replace the nearest rule's midpoints where given."""
     assert power in (1, 2), f"power must be 1 or 2, got {power}"
     w = weights.detach().reshape(-1)  # (N,)
     n = w.numel()
     sums = _sums_cpu if penalty_cpu.supports(w) else _sums_torch
-    saved, table, pull, sum_square, sum_distance = sums(w, representatives, power)
+    saved, table, pull, sum_square, sum_distance = sums(w, representatives, power, boundaries)
     mean_square = (sum_square / n).to(w.dtype)
     unclamped = (mean_square >= floor).to(w.dtype)  # clamp_min passes gradient at ==
     m = torch.maximum(mean_square, floor.to(w.dtype))
@@ -130,14 +137,14 @@ class NearestPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights: Tensor, representatives: Tensor, floor: Tensor,
-                power: int) -> Tensor:
-        return _penalty_forward(ctx, weights, representatives, floor, power)[0]
+                power: int, boundaries: Tensor | None = None) -> Tensor:
+        return _penalty_forward(ctx, weights, representatives, floor, power, boundaries)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_w, grad_c = _penalty_gradients(ctx, grad_output, *ctx.needs_input_grad[:2])
-        return grad_w, grad_c, None, None
+        return grad_w, grad_c, None, None, None
 
 
 class SnappedNearestPenalty(torch.autograd.Function):
@@ -152,11 +159,11 @@ class SnappedNearestPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights: Tensor, snap_representatives: Tensor,  # noqa: ANN001
-                penalty_representatives: Tensor, floor: Tensor, power: int
-                ) -> tuple[Tensor, Tensor]:
+                penalty_representatives: Tensor, floor: Tensor, power: int,
+                boundaries: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         value, saved, table = _penalty_forward(ctx, weights, penalty_representatives, floor,
-                                               power)
+                                               power, boundaries)
         ctx.snap_dtype, ctx.k = snap_representatives.dtype, table.numel()
         return penalty_cpu.gather(table, saved, weights.shape), value
 
@@ -175,7 +182,7 @@ class SnappedNearestPenalty(torch.autograd.Function):
                 saved = ctx.saved_tensors[1]
                 grad_snap = penalty_cpu.sum_by_index(grad_snapped.reshape(-1).contiguous(),
                                                      saved, ctx.k).to(ctx.snap_dtype)
-        return grad_w, grad_snap, grad_c, None, None
+        return grad_w, grad_snap, grad_c, None, None, None
 
 
 def fuses(weights: Tensor) -> bool:

@@ -219,7 +219,8 @@ def penalty_terms(
         t.codebook.project_()
         if t.codebook.plain:
             terms[t.name] = tensor_penalty(
-                variant, t.weight, t.codebook.representatives(), t.codebook.scale, temperature
+                variant, t.weight, t.codebook.representatives(), t.codebook.scale, temperature,
+                t.codebook.boundaries(t.weight.dtype),
             )
             continue
         terms[t.name] = sum(  # grouped: each group's term, weighted by its share

@@ -43,9 +43,10 @@ class SnappedStraightThrough(torch.autograd.Function):
     Saves one small integer per entry (1 byte for k <= 256)."""
 
     @staticmethod
-    def forward(ctx, latent: Tensor, representatives: Tensor) -> Tensor:
+    def forward(ctx, latent: Tensor, representatives: Tensor,
+                boundaries: Tensor | None = None) -> Tensor:
         table = representatives.detach().to(latent.dtype)  # (k,)
-        indices = assign(latent, table)  # latent's shape, int64
+        indices = assign(latent, table, boundaries)  # latent's shape, int64
         ctx.save_for_backward(indices.to(index_dtype(table.numel())))
         ctx.rep_dtype, ctx.k = representatives.dtype, table.numel()
         return table[indices]
@@ -58,7 +59,7 @@ class SnappedStraightThrough(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_reps = _sum_by_index(grad.reshape(-1), indices.reshape(-1), ctx.k)
             grad_reps = grad_reps.to(ctx.rep_dtype)
-        return grad, grad_reps
+        return grad, grad_reps, None
 
 
 def _sum_by_index(values: Tensor, indices: Tensor, k: int) -> Tensor:
@@ -75,7 +76,8 @@ def snapped_straight_through(latent: Tensor, codebook: Codebook) -> Tensor:
     snaps each group, in channel-scale units, to its own row, then scales back: the value
     `Codebook.dequantize` gives, and the gradient still reaches the latent unchanged."""
     if codebook.plain:
-        return SnappedStraightThrough.apply(latent, codebook.representatives())
+        return SnappedStraightThrough.apply(latent, codebook.representatives(),
+                                            codebook.boundaries(latent.dtype))
     snapped = torch.cat([SnappedStraightThrough.apply(part, row)
                          for part, row, _ in codebook.parts(latent)])
     if codebook.channel_scale is None:
@@ -110,7 +112,8 @@ def straight_through(model: nn.Module, penalty_terms: dict[str, Tensor] | None =
             if fused:
                 snapped, penalty_terms[t.name] = SnappedNearestPenalty.apply(
                     t.weight, t.codebook.representatives(), t.codebook.representatives(),
-                    penalty_floor(t.codebook.scale), POWERS[variant])
+                    penalty_floor(t.codebook.scale), POWERS[variant],
+                    t.codebook.boundaries(t.weight.dtype))
             else:
                 snapped = snapped_straight_through(t.weight, t.codebook)
             shadowed.append(t)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from qareg.budget import fisher_sensitivity, meet_budget
+from qareg.budget import fisher_sensitivity, meet_budget, training_cuts
 from qareg.constants import MAX_K, PENALTY_VARIANTS
 from qareg.errors import ConfigError
 from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
@@ -83,6 +83,11 @@ class QaregConfig:
     # codebooks; fractional allowed, e.g. 0.75): met after training by entropy-constrained
     # assignment (qareg.budget). Training starts from k = 2**ceil(budget) (at least 2).
     budget: float | None = None
+    # with a budget: steps between updates of the entropy-constrained assignment that
+    # training's snapped passes and penalty use (qareg.budget.training_cuts), so that the
+    # network learns under the assignment its file will have; 0: the nearest rule until
+    # the end, the budget met only after training
+    budget_steps: int = 0
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
     group_size: int = 0
@@ -107,6 +112,7 @@ class QaregConfig:
         check_bool("zero", self.zero)
         check_float("rate", self.rate, 0)
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
+        check_int("budget_steps", self.budget_steps, 0)
         check_int("group_size", self.group_size, 0)
         check_bool("channel_scale", self.channel_scale)
         if self.budget is not None:
@@ -195,12 +201,13 @@ class QaregMethod(Method):
         return {**super().options(), "k": self.codebook_size(self.bits)}
 
     def codebook_size(self, bits: int | float | None) -> int:
-        """k for `bits` (2**bits), or for the budget (2**ceil(budget)), or the config's k."""
+        """k for `bits` (2**bits), or for the budget (2**ceil(budget), at least 3 with a
+        pinned zero: {0, c} alone would keep one sign), or the config's k."""
         budget = self.budget_for(bits)
         if bits is not None and not is_budget(bits):
             return 2 ** bits
         if budget is not None:
-            return 2 ** max(1, math.ceil(budget))
+            return max(3 if self.config.zero else 2, 2 ** max(1, math.ceil(budget)))
         return self.config.k
 
     def prepare(self, model: nn.Module, bits: int | None, seed: int) -> None:
@@ -219,6 +226,7 @@ class QaregMethod(Method):
                     channel_scale=c.channel_scale)
         for t in quantized_tensors(model):  # fine-tuning a qareg network: this config decides
             t.codebook.zero = c.zero
+        self._cuts_step: int | None = None  # the step training_cuts last ran at
         check_patterns_match(c.layer_weights, [t.name for t in quantized_tensors(model)],
                              "layer_weights pattern")
 
@@ -231,9 +239,20 @@ class QaregMethod(Method):
         """Snapped forward passes in the last `snapped_fraction` of training; the penalty's
         terms found in the same pass where it can (`straight_through`'s `penalty_terms`)."""
         self._fused_terms: dict[str, Tensor] = {}
+        self._update_cuts(model, progress)
         if self.config.in_snapped_phase(progress.fraction):
             return straight_through(model, self._fused_terms, self.config.variant)
         return nullcontext()
+
+    def _update_cuts(self, model: nn.Module, progress: Progress) -> None:
+        """Under a budget with `budget_steps`, the assignment training uses, renewed every
+        `budget_steps` steps (and at the first step of a run or a resume)."""
+        budget, every = self.budget_for(self.bits), self.config.budget_steps
+        last = getattr(self, "_cuts_step", None)
+        if budget is None or not every or (last is not None and progress.step - last < every):
+            return
+        training_cuts(model, budget)
+        self._cuts_step = progress.step
 
     def lam(self, progress: Progress) -> float:
         return self.config.lambda_at(progress.fraction)
