@@ -273,10 +273,11 @@ class QaregMethod(Method):
                  ) -> Grids:
         """The learned codebooks stay; `qareg.convert` snaps to them. With a budget, the
         weights are first reassigned to meet it (`qareg.budget.meet_budget`), each tensor's
-        distortion weighted by its sensitivity measured on `calibration` when given."""
+        distortion weighted by its sensitivity measured on `calibration` when given; after
+        training under the budget's assignment (`budget_steps`), by the rule training used
+        (every tensor alike), so that the file keeps the assignment the network learned."""
         budget = self.budget_for(bits)
         if budget is not None:
-            sensitivity = (fisher_sensitivity(model, calibration) if calibration is not None
-                           else None)
-            meet_budget(model, budget, sensitivity)
+            weigh = calibration is not None and not self.config.budget_steps
+            meet_budget(model, budget, fisher_sensitivity(model, calibration) if weigh else None)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
