@@ -289,12 +289,14 @@ class Bench:
 
     def _fp_row(self, trained: Trained, seed: int) -> dict[str, Any]:
         model = trained.model
+        val_accuracy = evaluate(model, self.splits.val, self.splits, self.config.device)
         accuracy = evaluate(model, self.splits.test, self.splits, self.config.device)
         float32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()
                             if t.is_floating_point())
         quantizable = sum(model.get_parameter(n).numel() for n in select_tensors(model))
         row = self._base_row(trained, FP_BITS, seed)
-        row.update(accuracy=accuracy, bits_per_weight=float(FP_BITS), file_bytes=float32_bytes,
+        row.update(accuracy=accuracy, val_accuracy=val_accuracy, bits_per_weight=float(FP_BITS),
+                   file_bytes=float32_bytes,
                    stored_bits_per_weight=8 * float32_bytes / quantizable,
                    compression_ratio=1.0)
         return row
