@@ -320,3 +320,21 @@ def test_paired_differences_pick_the_best_rival_and_give_a_t_interval():
     assert (rival["low"], rival["high"]) == pytest.approx((1.5 - half, 1.5 + half))
     assert part["seeds"] == [0, 1] and part["mean"] == pytest.approx(2.0)
     assert part["low"] == part["high"] == pytest.approx(2.0)  # no spread: a point interval
+
+
+def test_each_rival_is_checked_against_the_best_qareg_at_no_more_bytes():
+    from qareg.report import dominance_table
+
+    def group(method, bits, kb, accuracy):
+        return {"model": "m", "dataset": "d", "method": method, "bits": bits,
+                "file_bytes": kb * 1e3, "accuracy_mean": accuracy, "reference": False}
+
+    groups = [group("lsq", 2, 10.0, 89.9), group("lsq", 1, 8.0, 87.0),
+              group("qareg", 2, 13.0, 90.3), group("qareg-size", 1.15, 9.8, 90.0),
+              group("qareg-size", 0.75, 7.0, 86.5),
+              {**group("fp", 32, 240.0, 90.5), "reference": True}]
+    entries = {(e["rival"]["method"], e["rival"]["bits"]): e for e in dominance_table(groups)}
+    assert set(entries) == {("lsq", 2), ("lsq", 1)}  # rivals only, not the reference
+    assert entries[("lsq", 2)]["best"]["method"] == "qareg-size"  # 9.8 KB, not 13
+    assert entries[("lsq", 2)]["dominated"]
+    assert entries[("lsq", 1)]["best"]["bits"] == 0.75 and not entries[("lsq", 1)]["dominated"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qareg.errors import ConfigError
+from qareg.report.dominance import dominance_markdown, dominance_table
 from qareg.report.histograms import histogram_record
 from qareg.report.paired import paired_markdown, paired_table
 from qareg.report.plots import plot_accuracy_vs_bits, plot_accuracy_vs_size, plot_histograms
@@ -17,9 +18,10 @@ from qareg.report.results import load_results, method_order, pareto_frontier, se
 from qareg.report.tables import markdown_table
 from qareg.version import __version__
 
-__all__ = ["histogram_record", "load_results", "markdown_table", "paired_markdown",
-           "paired_table", "pareto_frontier", "plot_accuracy_vs_bits", "plot_accuracy_vs_size",
-           "plot_histograms", "summary", "write_report"]
+__all__ = ["dominance_markdown", "dominance_table", "histogram_record", "load_results",
+           "markdown_table", "paired_markdown", "paired_table", "pareto_frontier",
+           "plot_accuracy_vs_bits", "plot_accuracy_vs_size", "plot_histograms", "summary",
+           "write_report"]
 
 
 def _slug(*parts: Any) -> str:
@@ -72,6 +74,13 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> list[Path]
                  "", f"![accuracy vs bits per weight]({name})", ""]
         if plots[-1].name == size_name:
             text += [f"![accuracy vs stored bytes]({size_name})", ""]
+        here = [s for s in groups if (s["model"], s["dataset"]) == (model, dataset)]
+        dominance = dominance_table(here)
+        if any(e["best"] is not None for e in dominance):
+            text += ["### Each rival against the best qareg configuration at no more bytes", "",
+                     "Means over seeds: the qareg family's (method, bits) with the highest "
+                     "accuracy among those whose file is no larger than the rival's.", "",
+                     dominance_markdown(dominance).rstrip("\n"), ""]
         paired = paired_table(setting_rows)
         if paired:
             text += ["### qareg against the best rival and its own parts, paired by seed", "",

@@ -1,0 +1,46 @@
+"""Does some configuration of one family beat each rival on the accuracy-per-byte plane?
+
+For every rival (method, bits) of a setting: among the subject family's (method, bits)
+groups whose mean file is no larger, the one with the highest mean accuracy, and whether it
+is no less accurate: issue 17's frontier criterion, on means over seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from qareg.report.paired import family
+
+
+def dominance_table(groups: Iterable[Mapping[str, Any]], subject: str = "qareg"
+                    ) -> list[dict[str, Any]]:
+    """Per model, dataset and rival group (from `summary`, with file bytes): the best of
+    `subject`'s family at no more bytes, or None, and whether it dominates."""
+    groups = [g for g in groups if not g["reference"] and g.get("file_bytes") is not None]
+    out = []
+    for rival in groups:
+        if family(rival["method"]) == family(subject):
+            continue
+        ours = [g for g in groups if family(g["method"]) == family(subject)
+                and (g["model"], g["dataset"]) == (rival["model"], rival["dataset"])
+                and g["file_bytes"] <= rival["file_bytes"]]
+        best = max(ours, key=lambda g: g["accuracy_mean"], default=None)
+        out.append({"model": rival["model"], "dataset": rival["dataset"], "rival": rival,
+                    "best": best,
+                    "dominated": best is not None
+                    and best["accuracy_mean"] >= rival["accuracy_mean"]})
+    return out
+
+
+def dominance_markdown(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The table as markdown, one line per rival."""
+    lines = ["| rival | bits | KB | accuracy % | best qareg at no more bytes | KB | accuracy % "
+             "| dominated |", "|:--|--:|--:|--:|:--|--:|--:|:--|"]
+    for e in entries:
+        r, b = e["rival"], e["best"]
+        ours = ("none | - | -" if b is None else
+                f"{b['method']} at {b['bits']} | {b['file_bytes'] / 1e3:.1f} | "
+                f"{b['accuracy_mean']:.2f}")
+        lines.append(f"| {r['method']} | {r['bits']} | {r['file_bytes'] / 1e3:.1f} | "
+                     f"{r['accuracy_mean']:.2f} | {ours} | {'yes' if e['dominated'] else 'no'} |")
+    return "\n".join(lines) + "\n"
