@@ -57,6 +57,17 @@ class InputQuantizer(nn.Module):
         return f"bits={int(self.bits)}, signed={bool(self.signed)}"
 
 
+# Methods' own input quantizers (subclasses), by a state entry only that kind has, so that
+# `attach_like` rebuilds the right one from a file: e.g. CPQ's "log_sigma".
+KINDS: dict[str, type[InputQuantizer]] = {}
+
+
+def register_input_quantizer(entry: str, cls: type[InputQuantizer]) -> type[InputQuantizer]:
+    """Make `attach_like` rebuild `cls` wherever a state has its own `entry`."""
+    KINDS[entry] = cls
+    return cls
+
+
 def apply_input_quantizer(module: nn.Module, args: tuple) -> tuple:
     """The forward pre-hook of a layer with an input quantizer."""
     return (getattr(module, NAME)(args[0]), *args[1:])
@@ -119,10 +130,6 @@ def attach_like(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         if key.endswith(suffix):
             layer = key.removesuffix(suffix)
             signed = state[f"{layer}.{NAME}.signed"]
-            if f"{layer}.{NAME}.log_sigma" in state:  # CPQ's activation path
-                from qareg.methods.cpq import CPQInputQuantizer
-
-                quantizer = CPQInputQuantizer(int(bits), bool(signed), 1.0)
-            else:
-                quantizer = InputQuantizer(int(bits), bool(signed), 1.0)
-            _attach(model.get_submodule(layer), quantizer)
+            kind = next((cls for entry, cls in KINDS.items()
+                         if f"{layer}.{NAME}.{entry}" in state), InputQuantizer)
+            _attach(model.get_submodule(layer), kind(int(bits), bool(signed), 1.0))

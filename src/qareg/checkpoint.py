@@ -103,6 +103,8 @@ def model_from_checkpoint(payload: dict[str, Any], device: str = "cpu",
         prepare(model)
     else:
         prepare_like(model, payload["state_dict"])
+    import qareg.methods  # noqa: F401  (registers the methods' own input-quantizer kinds)
+
     attach_like(model, payload["state_dict"])  # quantized layer inputs, if it has them
     try:
         model.load_state_dict(payload["state_dict"])

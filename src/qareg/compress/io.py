@@ -323,6 +323,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None,
         except (ConfigError, TypeError) as error:
             raise fail(path, f"cannot rebuild the model it records: {error}") from None
     if not input_quantizers(model):  # layer-input quantizers travel as raw tensors
+        import qareg.methods  # noqa: F401  (registers the methods' own quantizer kinds)
+
         attach_like(model, contents.raw)
     expected = {key: value for key, value in model.state_dict().items()
                 if key not in _codebook_keys(model)}

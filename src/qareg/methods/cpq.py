@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from qareg.act_quant import MIN_STEP, InputQuantizer
+from qareg.act_quant import MIN_STEP, InputQuantizer, register_input_quantizer
 from qareg.errors import ConfigError
 from qareg.methods.base import Progress, register_method
 from qareg.methods.parametrized import (
@@ -320,6 +320,9 @@ class CPQInputQuantizer(InputQuantizer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", cpq"
+
+
+register_input_quantizer("log_sigma", CPQInputQuantizer)
 
 
 def cpq_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, CPQQuantizer]]:
