@@ -207,3 +207,13 @@ def test_a_budget_under_one_bit_with_a_zero_starts_ternary():
     method = create_method("qareg", {"zero": True})
     method.prepare(qareg.create_model("lenet5", 10, 1, 28), 0.75, seed=0)
     assert method.codebook_size(0.75) == 3 and create_method("qareg").codebook_size(0.75) == 2
+
+
+def test_convert_snaps_by_the_trained_assignment_and_the_file_stores_it(tmp_path):
+    model = prepared(4)
+    training_cuts(model, 0.8)
+    expected = {t.name: t.codebook.quantize(t.weight) for t in quantized_tensors(model)}
+    qareg.convert(model)
+    for t in quantized_tensors(model):
+        assert t.codebook.cuts is None and torch.equal(t.weight, expected[t.name])
+    save_compressed(model, tmp_path / "m.qz")  # every weight maps back to its own value

@@ -332,7 +332,9 @@ def convert(
 ) -> ConversionReport:
     """Replace each quantized tensor by its representatives, then re-estimate batch-norm
     statistics on `bn_batches` (training inputs, or (inputs, labels) pairs, on the model's
-    device). Codebooks stay attached, so the indices can be recovered for storage."""
+    device). Codebooks stay attached, so the indices can be recovered for storage. A
+    codebook trained under a budget's assignment (`Codebook.cuts`) snaps by it, then drops
+    it: each weight then sits on its value, which the nearest rule maps back to."""
     reports = []
     for t in require_codebooks(model):
         t.codebook.project_()
@@ -342,6 +344,7 @@ def convert(
         mse = (weight - snapped).double().square().mean().item()
         mean_square = weight.double().square().mean().item()
         weight.copy_(snapped)
+        t.codebook.cuts = None  # every weight is now on its value: the nearest rule keeps it
         distinct = int((torch.bincount(indices.flatten(), minlength=t.codebook.k) > 0).sum())
         reports.append(TensorReport(
             name=t.name,
