@@ -176,15 +176,35 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     return torch.from_numpy(pull), float(sum_square), float(sum_distance)
 
 
+@njit(parallel=True, cache=True)
+def _gradient_plus(weights, saved, representatives, power, scale_d, scale_w, plus, out):  # noqa: ANN001
+    """`_gradient`'s value, rounded, plus `plus`: what adding the two tensors gives."""
+    if power == 2:
+        for i in prange(weights.size):
+            value = weights[i]
+            own = scale_d * (value - representatives[saved[i]]) + scale_w * value
+            out[i] = own + plus[i]
+    else:
+        for i in prange(weights.size):
+            value = weights[i]
+            own = scale_d * np.sign(value - representatives[saved[i]]) + scale_w * value
+            out[i] = own + plus[i]
+
+
 def gradient(weights: Tensor, saved: Tensor, representatives: Tensor, power: int,
-             scale_d: float, scale_w: float) -> Tensor:
-    """dP/dw = scale_d * |d|^(p-1) sign(d) + scale_w * w, as a new tensor of weights' shape."""
+             scale_d: float, scale_w: float, plus: Tensor | None = None) -> Tensor:
+    """dP/dw = scale_d * |d|^(p-1) sign(d) + scale_w * w, as a new tensor of weights' shape;
+    with `plus` (weights' shape and dtype), dP/dw + plus in the same pass (the sum autograd
+    would make of the two)."""
     out = torch.empty(weights.shape, dtype=weights.dtype)
     thread_plan(weights.numel())
     w = weights.reshape(-1).numpy()
     scalar = w.dtype.type
-    _gradient(w, saved.numpy(), representatives.numpy(), power, scalar(scale_d), scalar(scale_w),
-              out.view(-1).numpy())
+    args = (w, saved.numpy(), representatives.numpy(), power, scalar(scale_d), scalar(scale_w))
+    if plus is None:
+        _gradient(*args, out.view(-1).numpy())
+    else:
+        _gradient_plus(*args, plus.reshape(-1).contiguous().numpy(), out.view(-1).numpy())
     return out
 
 

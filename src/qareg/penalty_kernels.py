@@ -114,18 +114,22 @@ def _penalty_forward(ctx, weights: Tensor, representatives: Tensor, floor: Tenso
 
 
 def _penalty_gradients(ctx, grad_output: Tensor, weights_wanted: bool,  # noqa: ANN001
-                       representatives_wanted: bool) -> tuple[Tensor | None, Tensor | None]:
-    """(dP/dw, dP/dc) times `grad_output`, each where wanted."""
+                       representatives_wanted: bool, plus: Tensor | None = None
+                       ) -> tuple[Tensor | None, Tensor | None]:
+    """(dP/dw, dP/dc) times `grad_output`, each where wanted; `plus` added to dP/dw (in its
+    compiled pass on the CPU)."""
     weights, saved, table, pull, value, unclamped, scale_d, scale_w = ctx.saved_tensors
     s_d = grad_output * scale_d  # 0-d tensors throughout: no host sync on a GPU
     grad_w = grad_c = None
     if weights_wanted:
         s_w = -grad_output * scale_w * value * unclamped
-        if penalty_cpu.supports(weights):
+        if penalty_cpu.supports(weights) and (plus is None or plus.dtype == weights.dtype):
             grad_w = penalty_cpu.gradient(weights.detach(), saved, table, ctx.power,
-                                          s_d.item(), s_w.item())
+                                          s_d.item(), s_w.item(), plus)
         else:
             grad_w = _gradient_torch(weights.detach(), saved, table, ctx.power, s_d, s_w)
+            if plus is not None:
+                grad_w.add_(plus)
     if representatives_wanted:
         grad_c = (-s_d * pull).to(ctx.rep_dtype)
     return grad_w, grad_c
@@ -173,11 +177,12 @@ class SnappedNearestPenalty(torch.autograd.Function):
                  ) -> tuple[Tensor | None, ...]:
         wants_w, wants_snap, wants_penalty = ctx.needs_input_grad[:3]
         grad_w = grad_snap = grad_c = None
-        if grad_value is not None:
-            grad_w, grad_c = _penalty_gradients(ctx, grad_value, wants_w, wants_penalty)
+        if grad_value is not None:  # the snapped gradient added to the penalty's, as autograd
+            grad_w, grad_c = _penalty_gradients(ctx, grad_value, wants_w, wants_penalty,
+                                                grad_snapped)
+        elif wants_w:
+            grad_w = grad_snapped
         if grad_snapped is not None:
-            if wants_w:  # the penalty's gradient first, the snapped one added: autograd's order
-                grad_w = grad_snapped if grad_w is None else grad_w.add_(grad_snapped)
             if wants_snap:
                 saved = ctx.saved_tensors[1]
                 grad_snap = penalty_cpu.sum_by_index(grad_snapped.reshape(-1).contiguous(),
