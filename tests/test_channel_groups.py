@@ -104,6 +104,8 @@ def test_files_round_trip_bit_identically_dense_and_packed(tmp_path, group_size,
     assert info.codebook_bytes == sum(t.codebook.normalized.numel() * 4
                                       for t in tensors) + scale_bytes
     assert set(contents.channel_scales) == ({t.name for t in tensors} if channel_scale else set())
+    assert [t.groups for t in info.tensors] == [t.codebook.groups for t in tensors]
+    assert "codebook B" in info.format_table()
 
 
 def test_plain_codebooks_still_write_format_2(tmp_path):

@@ -24,6 +24,7 @@ class StoredTensor:
     index_bytes: int  # bytes of the index stream as stored
     codebook_bytes: int
     entropy_bytes: float  # N * H / 8, H the empirical entropy of the indices
+    groups: int = 1  # rows of the codebook: one per group of output channels
 
     @property
     def numel(self) -> int:
@@ -94,13 +95,15 @@ class CompressedInfo:
                                     for t in self.tensors)
 
     def format_table(self) -> str:
-        header = (f"{'tensor':<28} {'shape':<16} {'k':>6} {'coding':<7} {'index B':>10} "
-                  f"{'entropy B':>10} {'bits/w':>7}")
+        header = (f"{'tensor':<28} {'shape':<16} {'k':>8} {'coding':<7} {'index B':>10} "
+                  f"{'entropy B':>10} {'codebook B':>10} {'bits/w':>7}")
         lines = [header, "-" * len(header)]
         for t in self.tensors:
             shape = "x".join(map(str, t.shape))
-            lines.append(f"{t.name:<28} {shape:<16} {t.k:>6} {t.coding:<7} {t.index_bytes:>10} "
-                         f"{t.entropy_bytes:>10.0f} {t.bits_per_weight:>7.3f}")
+            k = f"{t.k}x{t.groups}" if t.groups > 1 else str(t.k)  # k per row x rows
+            lines.append(f"{t.name:<28} {shape:<16} {k:>8} {t.coding:<7} {t.index_bytes:>10} "
+                         f"{t.entropy_bytes:>10.0f} {t.codebook_bytes:>10} "
+                         f"{t.bits_per_weight:>7.3f}")
         lines += [
             "-" * len(header),
             f"quantized: {self.quantized_weights} weights, {self.bits_per_weight:.3f} bits/weight",
@@ -139,7 +142,7 @@ class FileContents:
             StoredTensor(name=e["name"], shape=tuple(e["shape"]), k=e["k"], bits=e["bits"],
                          coding=e["coding"], index_bytes=self.streams[e["name"]].numel(),
                          codebook_bytes=self.codebook_bytes(e["name"]),
-                         entropy_bytes=e["entropy_bytes"])
+                         entropy_bytes=e["entropy_bytes"], groups=e.get("groups", 1))
             for e in self.entries
         )
         return CompressedInfo(
