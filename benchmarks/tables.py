@@ -12,6 +12,7 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py kmeans1d benchmarks/results/kmeans1d-vgg16.jsonl
     python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl --last 3
     python benchmarks/tables.py deploy benchmarks/results/deploy-lenet5-cnn4-vgg16.jsonl
+    python benchmarks/tables.py penalty-pass benchmarks/results/penalty-pass-vgg16.jsonl
 
 The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
 DIR`; two bench files side by side from `benchmarks/compare_results.py`.
@@ -189,6 +190,23 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
     return "\n".join(out).rstrip()
 
 
+def penalty_pass(rows: Rows, args: argparse.Namespace) -> str:
+    """Milliseconds of one penalty pass over the model's weights, per k (rows) and route."""
+    routes = list(dict.fromkeys(r["route"] for r in rows))
+    ms: dict[int, dict[str, float]] = defaultdict(dict)
+    for r in rows:  # a later run of the same (k, route) replaces an earlier one
+        ms[r["k"]][r["route"]] = r["seconds_median"] * 1e3
+    first = rows[-1]
+    lines = [f"commit {short(first['git_commit'])}, {first['machine']}, {first['threads']} "
+             f"threads, {first['weights']:,} weights in {first['tensors']} tensors, median "
+             f"of {first['repeat']}", "", "| k | " + " | ".join(f"{r} ms" for r in routes)
+             + " |", "|--:|" + "--:|" * len(routes)]
+    for k in sorted(ms):
+        lines.append(f"| {k} | " + " | ".join(f"{ms[k].get(r, float('nan')):.1f}"
+                                              for r in routes) + " |")
+    return "\n".join(lines)
+
+
 def deploy(rows: Rows, args: argparse.Namespace) -> str:
     """Sizes and forward latency of the deployment paths, per model and k."""
     lines = ["| model | k | .qz KB | ONNX KB | float32 ONNX KB | dense ms | packed ms "
@@ -206,7 +224,7 @@ def deploy(rows: Rows, args: argparse.Namespace) -> str:
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
     "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
-    "cost": cost, "deploy": deploy, "size-explore": size_explore,
+    "cost": cost, "deploy": deploy, "penalty-pass": penalty_pass, "size-explore": size_explore,
 }
 
 

@@ -37,7 +37,7 @@ from qareg.nearest_cpu import (
     thread_plan,
 )
 
-COUNT_MAX_K = 32  # up to this k the index is counted by a sweep per boundary
+COUNT_MAX_K = 64  # up to this k the index is counted by a sweep per boundary
 BLOCK = 1024  # weights per block of that pass: its scratch stays in the first-level cache
 
 
