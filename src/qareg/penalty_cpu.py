@@ -13,9 +13,10 @@ The nearest index follows `qareg.nearest`'s rule through its compiled lookups
 k <= COUNT_MAX_K: per block of BLOCK weights, one vectorized sweep per boundary counts the
 boundaries below each weight (the same count, no gathers, no branches), then one pass over
 the block adds up the sums, kept in registers and in a (k,) array local to each range.
-On vgg16 at k = 16 this pass takes about a quarter of the time of the sweeps it replaced
-(which also carried each weight's representative and suffix sums through every sweep) and
-two fifths of the cell grid's (BENCHMARKS.md, "Cost of the regularizer").
+Over vgg16's weights at k = 16 this pass takes about a third of the time of the sweeps it
+replaced (which carried each weight's representative and float64 suffix sums through every
+sweep) and under half the cell grid's; the grid wins from k = 128 (BENCHMARKS.md, "Cost of
+the regularizer").
 NaN goes to index 0 and gives a NaN penalty. The first call compiles and loads numba's
 runtime, about 70 MiB of resident memory for the process.
 """
