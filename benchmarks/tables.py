@@ -169,7 +169,9 @@ def kmeans1d(rows: Rows, args: argparse.Namespace) -> str:
 
 def cost(rows: Rows, args: argparse.Namespace) -> str:
     """One table per run of regularizer_cost.py (rows of one commit, round count and set of
-    configurations, in file order)."""
+    configurations, in file order). Where the run has LSQ, each configuration's step over
+    LSQ's step of the same round: the median over rounds, and in how many rounds it was
+    faster."""
     runs: dict[tuple, Rows] = {}
     for r in rows:
         key = (r["git_commit"], r["rounds"], tuple(r["interleaved"]),
@@ -177,15 +179,22 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
         runs.setdefault(key, []).append(r)
     out = []
     for (commit, rounds, _, layer), group in list(runs.items())[-args.last:]:
+        lsq = next((r["step_seconds"] for r in group if r["config"] == "lsq"), None)
         out += [f"commit {short(commit)}, {rounds} rounds, {group[0]['machine']}, "
                 f"{group[0]['threads']} threads" + (f", numba layer {layer}" if layer else ""),
                 "", "| configuration | step s (median) | time / plain | CPU time / plain "
-                "| peak MiB | memory / plain |", "|---|--:|--:|--:|--:|--:|"]
+                "| peak MiB | memory / plain |" + (" time / lsq | rounds faster |" if lsq else ""),
+                "|---|--:|--:|--:|--:|--:|" + ("--:|--:|" if lsq else "")]
         for r in group:
             cpu = r.get("cpu_time_ratio")
-            out.append(f"| {r['config']} | {r['step_seconds_median']:.3f} | "
-                       f"{r['time_ratio']:.3f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
-                       f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
+            line = (f"| {r['config']} | {r['step_seconds_median']:.3f} | "
+                    f"{r['time_ratio']:.3f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
+                    f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
+            if lsq:
+                ratios = [a / b for a, b in zip(r["step_seconds"], lsq, strict=True)]
+                line += (f" {statistics.median(ratios):.3f} | "
+                         f"{sum(x < 1 for x in ratios)} of {len(ratios)} |")
+            out.append(line)
         out.append("")
     return "\n".join(out).rstrip()
 
