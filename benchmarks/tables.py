@@ -200,20 +200,25 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
 
 
 def penalty_pass(rows: Rows, args: argparse.Namespace) -> str:
-    """Milliseconds of one penalty pass over the model's weights, per k (rows) and route."""
-    routes = list(dict.fromkeys(r["route"] for r in rows))
-    ms: dict[int, dict[str, float]] = defaultdict(dict)
-    for r in rows:  # a later run of the same (k, route) replaces an earlier one
-        ms[r["k"]][r["route"]] = r["seconds_median"] * 1e3
-    first = rows[-1]
-    lines = [f"commit {short(first['git_commit'])}, {first['machine']}, {first['threads']} "
-             f"threads, {first['weights']:,} weights in {first['tensors']} tensors, median "
-             f"of {first['repeat']}", "", "| k | " + " | ".join(f"{r} ms" for r in routes)
-             + " |", "|--:|" + "--:|" * len(routes)]
-    for k in sorted(ms):
-        lines.append(f"| {k} | " + " | ".join(f"{ms[k].get(r, float('nan')):.1f}"
-                                              for r in routes) + " |")
-    return "\n".join(lines)
+    """Milliseconds of one pass over the model's weights, per function (the penalty's
+    forward pass, or the nearest lookup alone), k (rows) and route; the latest run of each."""
+    out = []
+    for function in dict.fromkeys(r.get("function", "penalty") for r in rows):
+        group = [r for r in rows if r.get("function", "penalty") == function]
+        routes = list(dict.fromkeys(r["route"] for r in group))
+        ms: dict[int, dict[str, float]] = defaultdict(dict)
+        for r in group:  # a later run of the same (k, route) replaces an earlier one
+            ms[r["k"]][r["route"]] = r["seconds_median"] * 1e3
+        last = group[-1]
+        out += [f"{function}: commit {short(last['git_commit'])}, {last['machine']}, "
+                f"{last['threads']} threads, {last['weights']:,} weights in "
+                f"{last['tensors']} tensors, median of {last['repeat']}", "",
+                "| k | " + " | ".join(f"{r} ms" for r in routes) + " |",
+                "|--:|" + "--:|" * len(routes)]
+        out += [f"| {k} | " + " | ".join(f"{ms[k].get(r, float('nan')):.1f}" for r in routes)
+                + " |" for k in sorted(ms)]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def deploy(rows: Rows, args: argparse.Namespace) -> str:

@@ -36,6 +36,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # see the module docstring
 MAX_CELLS = 1 << 16  # cells in a grid: a finer one would fall out of cache
 MAX_DEPTH = 4  # boundaries one cell may hold; a codebook that needs more uses the search
 GRID_MIN_NUMEL = 1 << 15  # below this, building a grid costs more than it saves
+GRID_MIN_K = 0  # below this k the binary search is as fast as the grid
 PARALLEL_NUMEL = 1 << 16  # below this, one thread: waking others costs more than it saves
 PARTS_PER_THREAD = 4  # ranges per thread: a thread slowed by other work holds up less
 
@@ -54,6 +55,14 @@ def thread_plan(n: int) -> tuple[int, int]:
         parts = PARTS_PER_THREAD * threads
     numba.set_num_threads(threads)
     return threads, parts
+
+
+def grid_for(boundaries: Tensor, numel: int) -> Grid | None:
+    """The grid a pass over `numel` values should look up, or None for the binary search:
+    large tensors at k >= GRID_MIN_K, where a grid fits (`Grid.build`)."""
+    if numel < GRID_MIN_NUMEL or boundaries.numel() + 1 < GRID_MIN_K:
+        return None
+    return Grid.build(boundaries)
 
 
 def padded_boundaries(boundaries: Tensor) -> np.ndarray:
@@ -162,7 +171,7 @@ def assign(values: Tensor, boundaries: Tensor) -> Tensor:
     flat = values.reshape(-1).contiguous()  # (N,)
     out = torch.empty(flat.numel(), dtype=torch.int64)
     _, parts = thread_plan(flat.numel())
-    grid = Grid.build(boundaries) if flat.numel() >= GRID_MIN_NUMEL else None
+    grid = grid_for(boundaries, flat.numel())
     if grid is None:
         _assign_search(flat.numpy(), padded_boundaries(boundaries), parts, out.numpy())
     else:

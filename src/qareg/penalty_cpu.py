@@ -31,7 +31,7 @@ from torch import Tensor
 from qareg import nearest_cpu
 from qareg.nearest import midpoints
 from qareg.nearest_cpu import (
-    Grid,
+    grid_for,
     grid_index,
     padded_boundaries,
     search,
@@ -155,9 +155,7 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
         boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
     pulls = np.zeros((parts, k), dtype=np.float64)
-    grid = None
-    if not counts(k) and n >= nearest_cpu.GRID_MIN_NUMEL:
-        grid = Grid.build(boundaries)
+    grid = None if counts(k) else grid_for(boundaries, n)
     if counts(k):
         _forward_count(w, boundaries.numpy(), c, power, out, pulls, totals)
     elif grid is None:
