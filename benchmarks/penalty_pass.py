@@ -1,15 +1,15 @@
 """Time of the penalty's forward pass (`qareg.penalty_cpu.forward_sums`) and of the nearest
 lookup alone (`qareg.nearest_cpu.assign`) over vgg16's weights, per route and k: the evidence
-for `COUNT_MAX_K` and `GRID_MIN_K`.
+for `qareg.nearest_cpu.COUNT_MAX_K`.
 
 Builds vgg16 (CIFAR-10 shape, seed --seed), gives each Conv and Linear weight a codebook of
 k quantiles, and times one pass over every tensor (what one training step of qareg runs)
-through each route, forced in turn: `count` (a vectorized sweep per boundary, then the sums;
-the penalty only), `grid` (the cell grid of `qareg.nearest_cpu`) and `search` (its binary
-search); `--function assign` times the lookup alone (grid and search). Median of
---repeat passes after a warm-up that compiles or loads the numba cache; torch's threads
-(numba uses as many). Every route must give the same indices (checked). One JSON line per
-(route, k) goes to --out.
+through each route, forced in turn: `count` (a vectorized sweep per boundary), `grid` (the
+cell grid of `qareg.nearest_cpu`) and `search` (its binary search). `--function assign`
+times the lookup alone (int64 indices, as `assign` returns them, then stored in one byte
+each as the snapped pass keeps them). Median of --repeat passes after a warm-up that
+compiles or loads the numba cache; torch's threads (numba uses as many). Every route must
+give the same indices (checked). One JSON line per (route, k) goes to --out.
 
     python benchmarks/penalty_pass.py --out benchmarks/results/penalty-pass-vgg16.jsonl
 """
@@ -39,10 +39,8 @@ ROUTES = ("count", "grid", "search")
 def forced(route: str) -> ExitStack:
     """Patches that make both functions take `route` on tensors of any size and k."""
     stack = ExitStack()
-    stack.enter_context(mock.patch.object(penalty_cpu, "COUNT_MAX_K",
-                                          (1 << 8) if route == "count" else 0))
     stack.enter_context(mock.patch.multiple(
-        nearest_cpu, GRID_MIN_K=0 if route == "grid" else 1 << 62,
+        nearest_cpu, COUNT_MAX_K=(1 << 8) if route == "count" else 0,
         GRID_MIN_NUMEL=0 if route == "grid" else 1 << 62))
     return stack
 
@@ -77,7 +75,7 @@ def main() -> None:
         levels = torch.linspace(0.5 / k, 1 - 0.5 / k, k)
         codebooks = [torch.quantile(w[: 1 << 20], levels).unique() for w in weights]
         first = None
-        for route in ROUTES if args.function == "penalty" else ROUTES[1:]:
+        for route in ROUTES:
             saved = [torch.empty(w.numel(), dtype=torch.uint8) for w in weights]
             with forced(route):
                 step_pass(args.function, weights, codebooks, saved, args.power)  # compile

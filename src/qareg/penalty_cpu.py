@@ -9,14 +9,13 @@ torch's elementwise ops (a dozen passes, each a separate call) this cuts the pen
 about threefold on vgg16.
 
 The nearest index follows `qareg.nearest`'s rule through its compiled lookups
-(`qareg.nearest_cpu`: the binary search, or the cell grid on large tensors), except at
-k <= COUNT_MAX_K: per block of BLOCK weights, one vectorized sweep per boundary counts the
-boundaries below each weight (the same count, no gathers, no branches), then one pass over
-the block adds up the sums, kept in registers and in a (k,) array local to each range.
-Over vgg16's weights at k = 16 this pass takes about a third of the time of the sweeps it
+(`qareg.nearest_cpu`: counting up to k = 64, else the binary search, or the cell grid on
+large tensors). Counting: per block of BLOCK weights, one vectorized sweep per boundary
+counts the boundaries below each weight (no gathers, no branches), then one pass over the
+block adds up the sums, kept in registers and in a (k,) array local to each range. Over
+vgg16's weights at k = 16 this pass takes about a third of the time of the sweeps it
 replaced (which carried each weight's representative and float64 suffix sums through every
-sweep) and under half the cell grid's; the grid wins from k = 128 (BENCHMARKS.md, "Cost of
-the regularizer").
+sweep) and about half the grid's (BENCHMARKS.md, "Cost of the regularizer").
 NaN goes to index 0 and gives a NaN penalty. The first call compiles and loads numba's
 runtime, about 70 MiB of resident memory for the process.
 """
@@ -31,6 +30,8 @@ from torch import Tensor
 from qareg import nearest_cpu
 from qareg.nearest import midpoints
 from qareg.nearest_cpu import (
+    BLOCK,
+    counted,
     grid_for,
     grid_index,
     padded_boundaries,
@@ -38,18 +39,10 @@ from qareg.nearest_cpu import (
     thread_plan,
 )
 
-COUNT_MAX_K = 64  # up to this k the index is counted by a sweep per boundary
-BLOCK = 1024  # weights per block of that pass: its scratch stays in the first-level cache
-
 
 def supports(weights: Tensor) -> bool:
     """Whether these kernels can take `weights`: float32 or float64 on the CPU."""
     return nearest_cpu.supports(weights)
-
-
-def counts(k: int) -> bool:
-    """Whether `forward_sums` counts indices with a sweep per boundary (`_forward_count`)."""
-    return k <= COUNT_MAX_K
 
 
 @njit(inline="always")
@@ -155,8 +148,8 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
         boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
     pulls = np.zeros((parts, k), dtype=np.float64)
-    grid = None if counts(k) else grid_for(boundaries, n)
-    if counts(k):
+    grid = None if counted(k) else grid_for(boundaries, n)
+    if counted(k):
         _forward_count(w, boundaries.numpy(), c, power, out, pulls, totals)
     elif grid is None:
         _forward_search(w, padded_boundaries(boundaries), c, power, out, pulls, totals)
