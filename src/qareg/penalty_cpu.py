@@ -9,7 +9,7 @@ torch's elementwise ops (a dozen passes, each a separate call) this cuts the pen
 about threefold on vgg16.
 
 The nearest index follows `qareg.nearest`'s rule through its compiled lookups
-(`qareg.nearest_cpu`: counting up to k = 64, else the binary search, or the cell grid on
+(`qareg.nearest_cpu`: counting up to k = 32, else the binary search, or the cell grid on
 large tensors). Counting: per block of BLOCK weights, one vectorized sweep per boundary
 counts the boundaries below each weight (no gathers, no branches), then one pass over the
 block adds up the sums, kept in registers and in a (k,) array local to each range. Over
