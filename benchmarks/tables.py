@@ -167,10 +167,22 @@ def kmeans1d(rows: Rows, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def median_interval(ratios: list[float], seed: int = 0, draws: int = 2000) -> str:
+    """The 95% bootstrap interval of the median of per-round ratios (resampling rounds)."""
+    import numpy as np
+
+    values = np.asarray(ratios)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, (draws, values.size)), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return f"[{low:.3f}, {high:.3f}]"
+
+
 def cost(rows: Rows, args: argparse.Namespace) -> str:
     """One table per run of regularizer_cost.py (rows of one commit, round count and set of
-    configurations, in file order). Where the run has LSQ, each configuration's step over
-    LSQ's step of the same round: the median over rounds, and in how many rounds it was
+    configurations, in file order): each configuration's step over the plain step of the
+    same round (median over rounds, and its 95% bootstrap interval over rounds), and, where
+    the run has LSQ, over LSQ's step of the same round and in how many rounds it was
     faster."""
     runs: dict[tuple, Rows] = {}
     for r in rows:
@@ -179,20 +191,24 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
         runs.setdefault(key, []).append(r)
     out = []
     for (commit, rounds, _, layer), group in list(runs.items())[-args.last:]:
+        plain = next(r["step_seconds"] for r in group if r["config"] == "plain")
         lsq = next((r["step_seconds"] for r in group if r["config"] == "lsq"), None)
         out += [f"commit {short(commit)}, {rounds} rounds, {group[0]['machine']}, "
                 f"{group[0]['threads']} threads" + (f", numba layer {layer}" if layer else ""),
-                "", "| configuration | step s (median) | time / plain | CPU time / plain "
-                "| peak MiB | memory / plain |" + (" time / lsq | rounds faster |" if lsq else ""),
-                "|---|--:|--:|--:|--:|--:|" + ("--:|--:|" if lsq else "")]
+                "", "| configuration | step s (median) | time / plain | 95% interval "
+                "| CPU time / plain | peak MiB | memory / plain |"
+                + (" time / lsq | 95% interval | rounds faster |" if lsq else ""),
+                "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if lsq else "")]
         for r in group:
             cpu = r.get("cpu_time_ratio")
+            over_plain = [a / b for a, b in zip(r["step_seconds"], plain, strict=True)]
             line = (f"| {r['config']} | {r['step_seconds_median']:.3f} | "
-                    f"{r['time_ratio']:.3f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
+                    f"{r['time_ratio']:.3f} | {median_interval(over_plain)} | "
+                    f"{'-' if cpu is None else f'{cpu:.3f}'} | "
                     f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
             if lsq:
                 ratios = [a / b for a, b in zip(r["step_seconds"], lsq, strict=True)]
-                line += (f" {statistics.median(ratios):.3f} | "
+                line += (f" {statistics.median(ratios):.3f} | {median_interval(ratios)} | "
                          f"{sum(x < 1 for x in ratios)} of {len(ratios)} |")
             out.append(line)
         out.append("")
