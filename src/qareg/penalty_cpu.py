@@ -148,10 +148,9 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
         boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
     pulls = np.zeros((parts, k), dtype=np.float64)
-    grid = None if counted(k) else grid_for(boundaries, n)
     if counted(k):
         _forward_count(w, boundaries.numpy(), c, power, out, pulls, totals)
-    elif grid is None:
+    elif (grid := grid_for(boundaries, n)) is None:
         _forward_search(w, padded_boundaries(boundaries), c, power, out, pulls, totals)
     else:
         _forward_grid(w, grid.lo, grid.inv_width, grid.last, grid.bounds, grid.base, c,
