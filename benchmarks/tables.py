@@ -12,6 +12,7 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py kmeans1d benchmarks/results/kmeans1d-vgg16.jsonl
     python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl --last 3
     python benchmarks/tables.py deploy benchmarks/results/deploy-lenet5-cnn4-vgg16.jsonl
+    python benchmarks/tables.py penalty-pass benchmarks/results/penalty-pass-vgg16.jsonl
 
 The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
 DIR`; two bench files side by side from `benchmarks/compare_results.py`.
@@ -166,9 +167,23 @@ def kmeans1d(rows: Rows, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def median_interval(ratios: list[float], seed: int = 0, draws: int = 2000) -> str:
+    """The 95% bootstrap interval of the median of per-round ratios (resampling rounds)."""
+    import numpy as np
+
+    values = np.asarray(ratios)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(values, (draws, values.size)), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return f"[{low:.3f}, {high:.3f}]"
+
+
 def cost(rows: Rows, args: argparse.Namespace) -> str:
     """One table per run of regularizer_cost.py (rows of one commit, round count and set of
-    configurations, in file order)."""
+    configurations, in file order): each configuration's step over the plain step of the
+    same round (median over rounds, and its 95% bootstrap interval over rounds), and, where
+    the run has LSQ, over LSQ's step of the same round and in how many rounds it was
+    faster."""
     runs: dict[tuple, Rows] = {}
     for r in rows:
         key = (r["git_commit"], r["rounds"], tuple(r["interleaved"]),
@@ -176,15 +191,48 @@ def cost(rows: Rows, args: argparse.Namespace) -> str:
         runs.setdefault(key, []).append(r)
     out = []
     for (commit, rounds, _, layer), group in list(runs.items())[-args.last:]:
+        plain = next(r["step_seconds"] for r in group if r["config"] == "plain")
+        lsq = next((r["step_seconds"] for r in group if r["config"] == "lsq"), None)
         out += [f"commit {short(commit)}, {rounds} rounds, {group[0]['machine']}, "
                 f"{group[0]['threads']} threads" + (f", numba layer {layer}" if layer else ""),
-                "", "| configuration | step s (median) | time / plain | CPU time / plain "
-                "| peak MiB | memory / plain |", "|---|--:|--:|--:|--:|--:|"]
+                "", "| configuration | step s (median) | time / plain | 95% interval "
+                "| CPU time / plain | peak MiB | memory / plain |"
+                + (" time / lsq | 95% interval | rounds faster |" if lsq else ""),
+                "|---|--:|--:|--:|--:|--:|--:|" + ("--:|--:|--:|" if lsq else "")]
         for r in group:
             cpu = r.get("cpu_time_ratio")
-            out.append(f"| {r['config']} | {r['step_seconds_median']:.3f} | "
-                       f"{r['time_ratio']:.3f} | {'-' if cpu is None else f'{cpu:.3f}'} | "
-                       f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
+            over_plain = [a / b for a, b in zip(r["step_seconds"], plain, strict=True)]
+            line = (f"| {r['config']} | {r['step_seconds_median']:.3f} | "
+                    f"{r['time_ratio']:.3f} | {median_interval(over_plain)} | "
+                    f"{'-' if cpu is None else f'{cpu:.3f}'} | "
+                    f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_ratio']:.3f} |")
+            if lsq:
+                ratios = [a / b for a, b in zip(r["step_seconds"], lsq, strict=True)]
+                line += (f" {statistics.median(ratios):.3f} | {median_interval(ratios)} | "
+                         f"{sum(x < 1 for x in ratios)} of {len(ratios)} |")
+            out.append(line)
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def penalty_pass(rows: Rows, args: argparse.Namespace) -> str:
+    """Milliseconds of one pass over the model's weights, per function (the penalty's
+    forward pass, or the nearest lookup alone), k (rows) and route; the latest run of each."""
+    out = []
+    for function in dict.fromkeys(r.get("function", "penalty") for r in rows):
+        group = [r for r in rows if r.get("function", "penalty") == function]
+        routes = list(dict.fromkeys(r["route"] for r in group))
+        ms: dict[int, dict[str, float]] = defaultdict(dict)
+        for r in group:  # a later run of the same (k, route) replaces an earlier one
+            ms[r["k"]][r["route"]] = r["seconds_median"] * 1e3
+        last = group[-1]
+        out += [f"{function}: commit {short(last['git_commit'])}, {last['machine']}, "
+                f"{last['threads']} threads, {last['weights']:,} weights in "
+                f"{last['tensors']} tensors, median of {last['repeat']}", "",
+                "| k | " + " | ".join(f"{r} ms" for r in routes) + " |",
+                "|--:|" + "--:|" * len(routes)]
+        out += [f"| {k} | " + " | ".join(f"{ms[k].get(r, float('nan')):.1f}" for r in routes)
+                + " |" for k in sorted(ms)]
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -206,7 +254,7 @@ def deploy(rows: Rows, args: argparse.Namespace) -> str:
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
     "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
-    "cost": cost, "deploy": deploy, "size-explore": size_explore,
+    "cost": cost, "deploy": deploy, "penalty-pass": penalty_pass, "size-explore": size_explore,
 }
 
 

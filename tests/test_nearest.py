@@ -57,20 +57,18 @@ def routes(values: torch.Tensor, reps: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     with mock.patch.object(nearest, "COMPILED_MIN_NUMEL", 1 << 40):
         out["bucketize"] = assign(values, reps)
-    with mock.patch.object(nearest, "COMPILED_MIN_NUMEL", 0), \
-            mock.patch.object(nearest_cpu, "GRID_MIN_NUMEL", 1 << 40):
-        out["compiled search"] = assign(values, reps)
-    with mock.patch.object(nearest, "COMPILED_MIN_NUMEL", 0), \
-            mock.patch.object(nearest_cpu, "GRID_MIN_NUMEL", 0), \
-            mock.patch.object(nearest_cpu, "PARALLEL_NUMEL", 1):
-        out["compiled grid"] = assign(values, reps)
+    lookups = {"count": {"COUNT_MAX_K": 1 << 8}, "search": {"COUNT_MAX_K": 0},
+               "grid": {"COUNT_MAX_K": 0, "GRID_MIN_NUMEL": 0}}
     finite = values[torch.isfinite(values)]  # the penalties sum distances: finite weights
-    for grid in (False, True):
-        for power in (1, 2):  # 2 with k <= 16: the vectorized sweep
-            saved = torch.empty(finite.numel(), dtype=torch.int32)
-            with mock.patch.object(nearest_cpu, "GRID_MIN_NUMEL", 0 if grid else 1 << 40):
+    for lookup, patches in lookups.items():
+        with mock.patch.object(nearest, "COMPILED_MIN_NUMEL", 0), \
+                mock.patch.multiple(nearest_cpu, **{"GRID_MIN_NUMEL": 1 << 40, **patches}), \
+                mock.patch.object(nearest_cpu, "PARALLEL_NUMEL", 1):  # several ranges
+            out[f"compiled {lookup}"] = assign(values, reps)
+            for power in (1, 2):
+                saved = torch.empty(finite.numel(), dtype=torch.int32)
                 penalty_cpu.forward_sums(finite.contiguous(), reps, power, saved)
-            out[f"penalty compiled p={power} grid={grid}"] = saved.long()
+                out[f"penalty compiled p={power} {lookup}"] = saved.long()
     out["penalty torch"] = penalty_kernels._sums_torch(finite, reps, 2)[0].long()
     snapped = SnappedStraightThrough.apply(values, reps)
     out["straight-through"] = torch.tensor([int((reps == s).nonzero()[0]) for s in snapped])
@@ -79,7 +77,7 @@ def routes(values: torch.Tensor, reps: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    k=st.one_of(st.integers(2, 16), st.integers(17, 300)),
+    k=st.one_of(st.integers(2, 64), st.integers(65, 300)),
     seed=st.integers(0, 2**31 - 1),
     spread=st.sampled_from([1e-30, 1e-6, 1e-2, 1.0, 1e3, 1e30]),
     dtype=st.sampled_from([torch.float32, torch.float64]),

@@ -49,7 +49,7 @@ def test_penalty_saves_one_byte_per_weight_up_to_k_256(k, dtype, kernel_path):
 
 @settings(max_examples=150, deadline=None)
 @given(
-    k=st.one_of(st.integers(2, penalty_cpu.LINEAR_MAX_K), st.integers(2, 300)),
+    k=st.one_of(st.integers(2, nearest_cpu.COUNT_MAX_K), st.integers(2, 300)),
     n=st.integers(1, 300),
     seed=st.integers(0, 2**31 - 1),
     spread=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),

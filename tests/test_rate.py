@@ -77,9 +77,15 @@ def test_qareg_adds_the_weighted_rate_to_its_regularizer():
 
 @pytest.mark.parametrize("k", [2, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype):
+@pytest.mark.parametrize("chunk", [None, 4096])  # one slice, or many
+def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype, chunk,
+                                                                      monkeypatch):
+    from qareg import rate_cpu
     from qareg.rate import torch_rate_bits
     from qareg.rate_cpu import compiled_rate_bits
+
+    if chunk is not None:
+        monkeypatch.setattr(rate_cpu, "CHUNK", chunk)
 
     g = torch.Generator().manual_seed(k)
     base = (torch.randn(70_000, generator=g) * 0.3).to(dtype)  # parallel passes too

@@ -36,6 +36,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # see the module docstring
 MAX_CELLS = 1 << 16  # cells in a grid: a finer one would fall out of cache
 MAX_DEPTH = 4  # boundaries one cell may hold; a codebook that needs more uses the search
 GRID_MIN_NUMEL = 1 << 15  # below this, building a grid costs more than it saves
+COUNT_MAX_K = 32  # up to this k (< 256) a pass counts boundaries with one sweep each
+BLOCK = 1024  # values per block of a counting pass: its scratch stays in the first-level cache
 PARALLEL_NUMEL = 1 << 16  # below this, one thread: waking others costs more than it saves
 PARTS_PER_THREAD = 4  # ranges per thread: a thread slowed by other work holds up less
 
@@ -54,6 +56,18 @@ def thread_plan(n: int) -> tuple[int, int]:
         parts = PARTS_PER_THREAD * threads
     numba.set_num_threads(threads)
     return threads, parts
+
+
+def counted(k: int) -> bool:
+    """Whether a pass at k representatives counts the boundaries below each value with one
+    vectorized sweep per boundary (on vgg16 as fast as the grid or faster up to k = 32)."""
+    return k <= COUNT_MAX_K
+
+
+def grid_for(boundaries: Tensor, numel: int) -> Grid | None:
+    """The grid a pass over `numel` values should look up, or None for the binary search:
+    large tensors, where a grid fits (`Grid.build`)."""
+    return Grid.build(boundaries) if numel >= GRID_MIN_NUMEL else None
 
 
 def padded_boundaries(boundaries: Tensor) -> np.ndarray:
@@ -141,6 +155,23 @@ class Grid:
 
 
 @njit(parallel=True, cache=True)
+def _assign_count(values, boundaries, parts, out):  # noqa: ANN001, ANN202
+    n = values.size
+    for part in prange(parts):
+        index = np.empty(BLOCK, np.uint8)  # k <= COUNT_MAX_K < 256: narrow lanes
+        stop = (part + 1) * n // parts
+        for start in range(part * n // parts, stop, BLOCK):
+            block = values[start:min(stop, start + BLOCK)]
+            m = block.size
+            index[:m] = 0
+            for j in range(boundaries.size):
+                boundary = boundaries[j]
+                for i in range(m):
+                    index[i] += block[i] > boundary
+            out[start:start + m] = index[:m]
+
+
+@njit(parallel=True, cache=True)
 def _assign_search(values, padded, parts, out):  # noqa: ANN001, ANN202
     n = values.size
     for part in prange(parts):
@@ -162,7 +193,10 @@ def assign(values: Tensor, boundaries: Tensor) -> Tensor:
     flat = values.reshape(-1).contiguous()  # (N,)
     out = torch.empty(flat.numel(), dtype=torch.int64)
     _, parts = thread_plan(flat.numel())
-    grid = Grid.build(boundaries) if flat.numel() >= GRID_MIN_NUMEL else None
+    if counted(boundaries.numel() + 1):
+        _assign_count(flat.numpy(), boundaries.cpu().numpy(), parts, out.numpy())
+        return out.view(values.shape)
+    grid = grid_for(boundaries, flat.numel())
     if grid is None:
         _assign_search(flat.numpy(), padded_boundaries(boundaries), parts, out.numpy())
     else:

@@ -9,10 +9,13 @@ torch's elementwise ops (a dozen passes, each a separate call) this cuts the pen
 about threefold on vgg16.
 
 The nearest index follows `qareg.nearest`'s rule through its compiled lookups
-(`qareg.nearest_cpu`: the binary search, or the cell grid on large tensors), except for
-the hard penalty at k <= LINEAR_MAX_K: per block of BLOCK weights, one sweep per boundary
-counts the boundaries below each weight (the same count, vectorized, no gathers), and the
-per-cluster sums come from suffix sums (weights above each boundary, and their number).
+(`qareg.nearest_cpu`: counting up to k = 32, else the binary search, or the cell grid on
+large tensors). Counting: per block of BLOCK weights, one vectorized sweep per boundary
+counts the boundaries below each weight (no gathers, no branches), then one pass over the
+block adds up the sums, kept in registers and in a (k,) array local to each range. Over
+vgg16's weights at k = 16 this pass takes about a third of the time of the sweeps it
+replaced (which carried each weight's representative and float64 suffix sums through every
+sweep) and about half the grid's (BENCHMARKS.md, "Cost of the regularizer").
 NaN goes to index 0 and gives a NaN penalty. The first call compiles and loads numba's
 runtime, about 70 MiB of resident memory for the process.
 """
@@ -27,25 +30,19 @@ from torch import Tensor
 from qareg import nearest_cpu
 from qareg.nearest import midpoints
 from qareg.nearest_cpu import (
-    Grid,
+    BLOCK,
+    counted,
+    grid_for,
     grid_index,
     padded_boundaries,
     search,
     thread_plan,
 )
 
-LINEAR_MAX_K = 16  # up to this k the hard penalty takes the vectorized sweep per boundary
-BLOCK = 1024  # weights per block of that pass: its scratch stays in the first-level cache
-
 
 def supports(weights: Tensor) -> bool:
     """Whether these kernels can take `weights`: float32 or float64 on the CPU."""
     return nearest_cpu.supports(weights)
-
-
-def linear(k: int, power: int) -> bool:
-    """Whether `forward_sums` takes the vectorized sweep."""
-    return power == 2 and k <= LINEAR_MAX_K
 
 
 @njit(inline="always")
@@ -60,45 +57,39 @@ def _accumulate(value, index, representatives, power, pulls, part, sums):  # noq
         pulls[part, index] += np.sign(d)
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _forward_linear(weights, boundaries, representatives, saved, suffix, totals):  # noqa: ANN001
-    """The hard penalty's pass for small k, vectorized: per block of BLOCK weights, one
-    sweep per midpoint j counts it into each weight's index, sets the weight's
-    representative, and adds the weights above it and their number into suffix[part, :, j
-    + 1] (suffix[part, :, 0]: all of them); per-cluster sums are differences of these."""
-    n, parts, k = weights.size, suffix.shape[0], representatives.size
+@njit(parallel=True, cache=True)
+def _forward_count(weights, boundaries, representatives, power, saved, pulls, totals):  # noqa: ANN001
+    """The pass for small k: per block of BLOCK weights, one vectorized sweep per boundary
+    counts it into each weight's index (no gathers, no branches), then one pass over the
+    block adds each weight's terms into sums held in registers and a (k,) array local to
+    the range."""
+    n, parts, k = weights.size, pulls.shape[0], representatives.size
     for part in prange(parts):
         index = np.empty(BLOCK, np.uint8)
-        nearest = np.empty(BLOCK, weights.dtype)
-        sums, counts = suffix[part, 0], suffix[part, 1]
+        pull = np.zeros(k)
         sum_square, sum_distance = 0.0, 0.0
         stop = (part + 1) * n // parts
         for start in range(part * n // parts, stop, BLOCK):
             block = weights[start:min(stop, start + BLOCK)]
             m = block.size
-            total = 0.0
-            for i in range(m):
-                index[i] = 0
-                nearest[i] = representatives[0]
-                total += np.float64(block[i])
-            sums[0] += total
-            counts[0] += m
+            index[:m] = 0
             for j in range(k - 1):
-                midpoint, above_value = boundaries[j], representatives[j + 1]
-                total, count = 0.0, 0
+                boundary = boundaries[j]
                 for i in range(m):
-                    above = block[i] > midpoint
-                    index[i] += above
-                    nearest[i] = above_value if above else nearest[i]
-                    total += np.float64(block[i]) if above else 0.0
-                    count += above
-                sums[j + 1] += total
-                counts[j + 1] += count
+                    index[i] += block[i] > boundary
             for i in range(m):
-                d = block[i] - nearest[i]  # in the weights' dtype, as torch computes it
-                saved[start + i] = index[i]
-                sum_square += np.float64(block[i]) * np.float64(block[i])
-                sum_distance += np.float64(d) * np.float64(d)
+                a = index[i]
+                value = block[i]
+                d = np.float64(value - representatives[a])  # in the weights' dtype, as torch
+                saved[start + i] = a
+                sum_square += np.float64(value) * np.float64(value)
+                if power == 2:
+                    sum_distance += d * d
+                    pull[a] += d
+                else:
+                    sum_distance += abs(d)
+                    pull[a] += np.float64(d > 0) - np.float64(d < 0)
+        pulls[part] = pull
         totals[part, 0] = sum_square
         totals[part, 1] = sum_distance
 
@@ -156,22 +147,15 @@ def forward_sums(weights: Tensor, representatives: Tensor, power: int, saved: Te
     w, c, out = weights.numpy(), representatives.numpy(), saved.numpy()
     if boundaries is None:  # the nearest rule's; else given (entropy-constrained)
         boundaries = midpoints(representatives, weights.dtype)  # (k - 1,)
-    if linear(k, power):
-        suffix = np.zeros((parts, 2, k + 1), dtype=np.float64)  # sums, counts above
-        _forward_linear(w, boundaries.numpy(), c, out, suffix, totals)
-        above = suffix.sum(axis=0)  # (2, k + 1)
-        with np.errstate(invalid="ignore"):  # inf - inf: infinite weights give a NaN penalty
-            sums, counts = above[0, :-1] - above[0, 1:], above[1, :-1] - above[1, 1:]  # (k,)
-            pull = sums - counts * c.astype(np.float64)  # sum of d = sum of w - count * c
+    pulls = np.zeros((parts, k), dtype=np.float64)
+    if counted(k):
+        _forward_count(w, boundaries.numpy(), c, power, out, pulls, totals)
+    elif (grid := grid_for(boundaries, n)) is None:
+        _forward_search(w, padded_boundaries(boundaries), c, power, out, pulls, totals)
     else:
-        pulls = np.zeros((parts, k), dtype=np.float64)
-        grid = Grid.build(boundaries) if n >= nearest_cpu.GRID_MIN_NUMEL else None
-        if grid is None:
-            _forward_search(w, padded_boundaries(boundaries), c, power, out, pulls, totals)
-        else:
-            _forward_grid(w, grid.lo, grid.inv_width, grid.last, grid.bounds, grid.base, c,
-                          power, out, pulls, totals)
-        pull = pulls.sum(axis=0)
+        _forward_grid(w, grid.lo, grid.inv_width, grid.last, grid.bounds, grid.base, c,
+                      power, out, pulls, totals)
+    pull = pulls.sum(axis=0)
     sum_square, sum_distance = totals.sum(axis=0)
     return torch.from_numpy(pull), float(sum_square), float(sum_distance)
 
