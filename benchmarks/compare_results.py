@@ -37,7 +37,7 @@ def main() -> None:
             print(f"| {key[0]} | {key[1]} | {key[2]} | {'-' if before is None else ''} "
                   f"| {'-' if after is None else ''} | only in one file | |")
             continue
-        diff = after["accuracy"] - before["accuracy"]
+        diff = round(after["accuracy"] - before["accuracy"], 2)  # accuracies are in hundredths
         worst = max(worst, abs(diff))
         index = [side.get("index_bytes") for side in (before, after)]
         index_diff = "" if None in index else f"{index[1] - index[0]:+d}"
