@@ -3,6 +3,7 @@ only (markdown on stdout). One subcommand per kind of file:
 
     python benchmarks/tables.py demo benchmarks/results/demo.json
     python benchmarks/tables.py tuning benchmarks/results/suite-lenet5.jsonl
+    python benchmarks/tables.py widths benchmarks/results/suite-cnn4.jsonl
     python benchmarks/tables.py sizes benchmarks/results/suite-lenet5.jsonl --seed 0
     python benchmarks/tables.py variants benchmarks/results/variants-cnn4.jsonl
     python benchmarks/tables.py size-explore benchmarks/results/size-explore-lenet5.jsonl
@@ -81,6 +82,34 @@ def tuning(rows: Rows, args: argparse.Namespace) -> str:
               for r in tuned}
     lines += ["", "Trials in order: " + "; ".join(f"{m}: {', '.join(c)}"
                                                   for m, c in sorted(spaces.items()))]
+    return "\n".join(lines)
+
+
+def widths(rows: Rows, args: argparse.Namespace) -> str:
+    """A suite condensed: one line per method, test accuracy (mean ± sample std over seeds)
+    and mean file KB at each bit-width, methods by mean accuracy at the lowest width."""
+    cells: dict[tuple[str, Any], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["method"] != "fp":
+            cells[(r["method"], r["bits"])].append(r)
+    bits = sorted({b for _, b in cells})
+    methods = sorted({m for m, _ in cells},
+                     key=lambda m: -statistics.fmean(r["accuracy"] for r in cells[(m, bits[0])])
+                     if (m, bits[0]) in cells else 0.0)
+    head = "| method | " + " | ".join(f"{b} bit{'s' if b != 1 else ''} | KB" for b in bits) + " |"
+    lines = [head, "|:--|" + "--:|--:|" * len(bits)]
+    for m in methods:
+        parts = []
+        for b in bits:
+            group = cells.get((m, b), [])
+            if not group:
+                parts += ["-", "-"]
+                continue
+            accuracy = [r["accuracy"] for r in group]
+            spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+            parts += [f"{statistics.fmean(accuracy):.2f} ± {spread:.2f}",
+                      f"{statistics.fmean(r['file_bytes'] for r in group) / 1e3:.1f}"]
+        lines.append(f"| {m} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 
@@ -252,7 +281,7 @@ def deploy(rows: Rows, args: argparse.Namespace) -> str:
 
 
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
-    "demo": demo, "tuning": tuning, "sizes": sizes, "variants": variants,
+    "demo": demo, "tuning": tuning, "widths": widths, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
     "cost": cost, "deploy": deploy, "penalty-pass": penalty_pass, "size-explore": size_explore,
 }
