@@ -322,6 +322,26 @@ def test_paired_differences_pick_the_best_rival_and_give_a_t_interval():
     assert part["low"] == part["high"] == pytest.approx(2.0)  # no spread: a point interval
 
 
+def test_every_qareg_configuration_but_the_ablations_is_paired_with_its_parts():
+    from qareg.report import paired_table
+
+    def row(method, bits, seed, accuracy):
+        return {"method": method, "bits": bits, "seed": seed, "accuracy": accuracy,
+                "bits_per_weight": float(bits), "model": "lenet5", "dataset": "fashion-mnist"}
+
+    rows = [row("qareg-size", 0.75, s, 86.0 + s) for s in range(3)]
+    rows += [row("qareg-ste-size", 0.75, s, 85.0 + s) for s in range(3)]  # 1 point below
+    rows += [row("qareg", 1, s, 87.0) for s in range(3)]
+    rows += [row("qareg-size", 1, s, 88.0) for s in range(3)]
+    rows += [row("lsq", 1, s, 87.5) for s in range(3)]
+    entries = paired_table(rows)
+    assert [(e["bits"], e["method"], e["versus"], e["role"]) for e in entries] == [
+        (0.75, "qareg-size", "qareg-ste-size", "part"),
+        (1, "qareg", "lsq", "best rival"), (1, "qareg", "qareg-size", "variant"),
+        (1, "qareg-size", "lsq", "best rival"), (1, "qareg-size", "qareg", "variant")]
+    assert entries[0]["mean"] == pytest.approx(1.0) and entries[0]["n"] == 3
+    assert [e["method"] for e in paired_table(rows, subject="qareg-size")] == ["qareg-size"] * 3
+
 def test_each_rival_is_checked_against_the_best_qareg_at_no_more_bytes():
     from qareg.report import dominance_table
 

@@ -110,7 +110,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     say(markdown_table(summary(rows)))
     paired = paired_table(rows)
     if paired:
-        say("qareg minus the other method, paired by seed (test accuracy points, 95% interval):")
+        say("each qareg configuration minus the other method, paired by seed (test accuracy "
+            "points, 95% interval):")
         say(paired_markdown(paired))
     if args.out_dir is None:
         say("accuracies are test accuracies (nothing written; --out-dir DIR writes report.md "

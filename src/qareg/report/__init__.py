@@ -84,8 +84,9 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> list[Path]
         paired = paired_table(setting_rows)
         if paired:
             text += ["### qareg against the best rival and its own parts, paired by seed", "",
-                     "Test accuracy of qareg minus the other method's on the same seeds; the "
-                     "best rival is the other method with the highest mean at that width.", "",
+                     "Test accuracy of each qareg configuration (every one that is not an "
+                     "ablation) minus the other method's on the same seeds; the best rival is "
+                     "the other method with the highest mean at that width.", "",
                      paired_markdown(paired).rstrip("\n"), ""]
         chosen = _histogram_rows(setting_rows)
         if chosen:

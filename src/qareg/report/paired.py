@@ -47,30 +47,46 @@ def family(method: str) -> str:
     return method.split("-")[0] if method.startswith("qareg") else method
 
 
-def paired_table(rows: Iterable[Mapping[str, Any]], subject: str = "qareg"
+ABLATIONS = ("reg", "ste")  # name parts that mark a qareg configuration as an ablation
+
+
+def is_ablation(method: str) -> bool:
+    """`qareg-ste`, `qareg-reg`, `qareg-ste-size`...: qareg with one of its parts removed."""
+    return family(method) == "qareg" and any(p in ABLATIONS for p in method.split("-")[1:])
+
+
+def paired_table(rows: Iterable[Mapping[str, Any]], subject: str | None = None
                  ) -> list[dict[str, Any]]:
-    """Per model, dataset and bit-width where `subject` ran: its paired difference against
+    """Per model, dataset and bit-width where a subject ran: its paired difference against
     the best rival (the other family's method with the highest mean accuracy at that width)
-    and against each of its own parts. Ordered by model, dataset, bits."""
+    and against every other configuration of its family there (role "part" for an ablation
+    such as `qareg-ste`, "variant" otherwise). Subjects: `subject`, or by default every
+    qareg configuration that is not an ablation (`qareg`, `qareg-size`...). Ordered by
+    model, dataset, bits, subject."""
     rows = [r for r in rows if not is_reference(r)]
     accuracies = _accuracies(rows)
+    subjects = ({subject} if subject is not None else
+                {m for (_, _, m, _) in accuracies if family(m) == "qareg" and not is_ablation(m)})
     out = []
-    for (model, dataset, method, bits), ours in sorted(accuracies.items()):
-        if method != subject:
+    for (model, dataset, method, bits), ours in sorted(accuracies.items(),
+                                                         key=lambda kv: (kv[0][0], kv[0][1],
+                                                                         kv[0][3], kv[0][2])):
+        if method not in subjects:
             continue
         here = {m: acc for (mo, d, m, b), acc in accuracies.items()
-                if (mo, d, b) == (model, dataset, bits) and m != subject}
-        rivals = {m: acc for m, acc in here.items() if family(m) != family(subject)}
+                if (mo, d, b) == (model, dataset, bits) and m != method}
+        rivals = {m: acc for m, acc in here.items() if family(m) != family(method)}
         versus = []
         if rivals:
             versus.append((max(rivals, key=lambda m: statistics.fmean(rivals[m].values())),
                            "best rival"))
-        versus += [(m, "part") for m in sorted(here) if m not in rivals]
+        versus += [(m, "part" if is_ablation(m) else "variant")
+                   for m in sorted(here) if m not in rivals]
         for other, role in versus:
             difference = paired_difference(ours, here[other])
             if difference is not None:
                 out.append({"model": model, "dataset": dataset, "bits": bits,
-                            "method": subject, "versus": other, "role": role, **difference})
+                            "method": method, "versus": other, "role": role, **difference})
     return out
 
 
