@@ -209,6 +209,16 @@ def test_a_budget_under_one_bit_with_a_zero_starts_ternary():
     assert method.codebook_size(0.75) == 3 and create_method("qareg").codebook_size(0.75) == 2
 
 
+def test_budget_k_sets_the_codebooks_a_budget_starts_from_and_is_checked():
+    method = create_method("qareg", {"budget_k": 12})
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    method.prepare(model, 1.25, seed=0)
+    assert {t.codebook.k for t in quantized_tensors(model)} == {12}
+    assert method.codebook_size(3) == 8  # whole bits still set k = 2**bits
+    with pytest.raises(ConfigError, match="budget_k"):
+        create_method("qareg", {"budget_k": 2, "zero": True})
+
+
 def test_convert_snaps_by_the_trained_assignment_and_the_file_stores_it(tmp_path):
     model = prepared(4)
     training_cuts(model, 0.8)

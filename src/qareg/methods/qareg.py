@@ -88,6 +88,10 @@ class QaregConfig:
     # network learns under the assignment its file will have; 0: the nearest rule until
     # the end, the budget met only after training
     budget_steps: int = 0
+    # with a budget: representatives each codebook starts from (None: 2**ceil(budget), at
+    # least 3 with a zero). More than the budget's bits lets the entropy-constrained
+    # assignment keep more levels at the same rate (and drop those it does not need)
+    budget_k: int | None = None
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
     group_size: int = 0
@@ -113,6 +117,8 @@ class QaregConfig:
         check_float("rate", self.rate, 0)
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
         check_int("budget_steps", self.budget_steps, 0)
+        if self.budget_k is not None:
+            check_int("budget_k", self.budget_k, 3 if self.zero else 2, MAX_K)
         check_int("group_size", self.group_size, 0)
         check_bool("channel_scale", self.channel_scale)
         if self.budget is not None:
@@ -201,12 +207,14 @@ class QaregMethod(Method):
         return {**super().options(), "k": self.codebook_size(self.bits)}
 
     def codebook_size(self, bits: int | float | None) -> int:
-        """k for `bits` (2**bits), or for the budget (2**ceil(budget), at least 3 with a
-        pinned zero: {0, c} alone would keep one sign), or the config's k."""
+        """k for `bits` (2**bits), or for the budget (`budget_k`, else 2**ceil(budget), at
+        least 3 with a pinned zero: {0, c} alone would keep one sign), or the config's k."""
         budget = self.budget_for(bits)
         if bits is not None and not is_budget(bits):
             return 2 ** bits
         if budget is not None:
+            if self.config.budget_k is not None:
+                return self.config.budget_k
             return max(3 if self.config.zero else 2, 2 ** max(1, math.ceil(budget)))
         return self.config.k
 
