@@ -13,6 +13,9 @@ random batch of 3x32x32 images, in four configurations built from the same initi
               gradients), plus the penalty found in the same pass, as QaregMethod runs it;
   qareg_snapped_unfused  the same with the penalty computed after the pass (a second
               nearest lookup): qareg's step before the two were fused;
+  qareg_rate  qareg_snapped plus issue 17's rate term (`qareg.rate`), each large tensor
+              read through the strided sample qareg trains with (`QaregConfig.rate_sample`);
+  qareg_rate_full  the same reading every weight every step;
   qareg_soft  the same with the soft variant, whose (N, 3) candidate tensors cost more;
   dkm         every Conv and Linear weight replaced in the forward pass by
               `dkm_soft_weights(weight, centroids, temperature)`, k learnable centroids per
@@ -73,9 +76,12 @@ from qareg.bench import append_row
 from qareg.constants import DEFAULT_LAYERS
 from qareg.methods import create_method
 from qareg.methods.dkm import dkm_soft_weights
+from qareg.methods.qareg import QaregConfig
 from qareg.provenance import provenance
 from qareg.quantize import weighted_sum
 from qareg.rate import model_rate_bits
+
+RATE_SAMPLE = QaregConfig.rate_sample  # qareg's default: the rate term samples large tensors
 
 
 def numba_layer() -> str | None:
@@ -87,7 +93,7 @@ def numba_layer() -> str | None:
 
 
 CONFIGS = ("plain", "qareg", "qareg_torch", "qareg_snapped", "qareg_snapped_unfused",
-           "qareg_rate", "qareg_soft", "dkm", "lsq")
+           "qareg_rate", "qareg_rate_full", "qareg_soft", "dkm", "lsq")
 TIME_LIMIT, MEMORY_LIMIT = 1.05, 1.10  # acceptance, for qareg against plain
 
 
@@ -124,19 +130,21 @@ def build(config: str, args: argparse.Namespace) -> tuple[nn.Module, torch.optim
 
 
 def train_step(config: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, lam: float) -> None:
+               x: torch.Tensor, y: torch.Tensor, lam: float, step: int = 0) -> None:
     torch_kernels = config == "qareg_torch"
     with (mock.patch.object(penalty_cpu, "supports", lambda weights: False) if torch_kernels
           else nullcontext()):
-        snapped = config in ("qareg_snapped", "qareg_snapped_unfused", "qareg_rate")
+        snapped = config in ("qareg_snapped", "qareg_snapped_unfused", "qareg_rate",
+                             "qareg_rate_full")
         terms = {} if config != "qareg_snapped_unfused" else None  # fused as QaregMethod does
         with qareg.straight_through(model, terms) if snapped else nullcontext():
             task = F.cross_entropy(model(x), y)
         penalty = weighted_sum(terms) if terms else None  # found while snapping
         if config in ("qareg", "qareg_torch", "qareg_snapped", "qareg_snapped_unfused"):
             loss = task + lam * (penalty if penalty is not None else qareg.penalty(model))
-        elif config == "qareg_rate":  # qareg's step with the rate term of issue 17
-            rate = model_rate_bits(qareg.quantize.quantized_tensors(model), 0.05)
+        elif config in ("qareg_rate", "qareg_rate_full"):  # with issue 17's rate term
+            sample = RATE_SAMPLE if config == "qareg_rate" else 0
+            rate = model_rate_bits(qareg.quantize.quantized_tensors(model), 0.05, sample, step)
             loss = task + lam * (penalty + rate)
         elif config == "qareg_soft":
             loss = task + lam * qareg.penalty(model, "soft")
@@ -180,8 +188,8 @@ def measure_memory(config: str, args: argparse.Namespace) -> dict:
             pass  # not glibc: freed heap memory may stay resident, counted as before
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = resident_kib("VmRSS") * 1024
-    for _ in range(args.memory_steps):
-        train_step(config, model, optimizer, x, y, args.lam)
+    for step in range(args.memory_steps):
+        train_step(config, model, optimizer, x, y, args.lam, step)
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -209,7 +217,7 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[tuple[float, float]
         for config, (model, optimizer) in runs.items():
             sync(args.device)
             wall, cpu = time.perf_counter(), time.process_time()
-            train_step(config, model, optimizer, x, y, args.lam)
+            train_step(config, model, optimizer, x, y, args.lam, round_)
             sync(args.device)
             if round_ >= args.warmup:
                 times[config].append((time.perf_counter() - wall, time.process_time() - cpu))

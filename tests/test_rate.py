@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qareg.compress.entropy import empirical_entropy_bytes
 from qareg.nearest import assign
-from qareg.rate import rate_bits, soft_usage
+from qareg.rate import model_rate_bits, rate_bits, sampled, soft_usage
 
 
 def skewed_weights(n: int, seed: int) -> torch.Tensor:
@@ -57,8 +57,6 @@ def test_qareg_adds_the_weighted_rate_to_its_regularizer():
     import qareg
     from qareg.methods import create_method
     from qareg.methods.base import Progress
-    from qareg.rate import model_rate_bits
-
     torch.manual_seed(0)
     model = qareg.create_model("lenet5", 10, 1, 28)
     plain, rated = (create_method("qareg", {"rate": r, "rate_temperature": 0.1})
@@ -77,15 +75,9 @@ def test_qareg_adds_the_weighted_rate_to_its_regularizer():
 
 @pytest.mark.parametrize("k", [2, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("chunk", [None, 4096])  # one slice, or many
-def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype, chunk,
-                                                                      monkeypatch):
-    from qareg import rate_cpu
+def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype):
     from qareg.rate import torch_rate_bits
     from qareg.rate_cpu import compiled_rate_bits
-
-    if chunk is not None:
-        monkeypatch.setattr(rate_cpu, "CHUNK", chunk)
 
     g = torch.Generator().manual_seed(k)
     base = (torch.randn(70_000, generator=g) * 0.3).to(dtype)  # parallel passes too
@@ -101,3 +93,36 @@ def test_the_compiled_rate_matches_the_torch_one_values_and_gradients(k, dtype, 
     rtol, atol = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+def test_a_sample_reads_every_weight_once_in_stride_steps_and_small_tensors_whole():
+    w = torch.arange(1000.0)
+    assert torch.equal(sampled(w, 0, 3), w) and torch.equal(sampled(w, 1000, 3), w)
+    seen = torch.cat([sampled(w, 300, step) for step in range(4)])  # stride ceil(1000/300)
+    assert torch.equal(seen.sort().values, w)
+    assert torch.equal(sampled(w, 300, 4), sampled(w, 300, 0))  # the offset turns
+
+
+def test_the_sampled_rate_estimates_the_full_one_and_its_gradient_over_a_cycle():
+    import qareg
+
+    model = torch.nn.Sequential(torch.nn.Linear(400, 500))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # skewed, as trained weights are: most near zero
+        model[0].weight.copy_(torch.randn(500, 400, generator=g)
+                              * torch.rand(500, 400, generator=g) ** 3)
+    qareg.prepare(model, 4, init="quantile")
+    tensors = qareg.quantize.quantized_tensors(model)
+    weight = tensors[0].weight  # 200,000 weights: 1 in 13 read at a sample of 2^14
+    full = model_rate_bits(tensors, 0.05)
+    full.backward()
+    expected, weight.grad = weight.grad.clone(), None
+    stride, estimates = 13, []
+    for step in range(stride):
+        bits = model_rate_bits(tensors, 0.05, sample=1 << 14, step=step)
+        bits.backward()  # gradients add up over the cycle
+        estimates.append(bits.item())
+    assert all(abs(bits - full.item()) <= 0.02 for bits in estimates)  # of 1.95 bits
+    summed = weight.grad / stride  # each weight's gradient once, s times larger
+    error = torch.linalg.vector_norm(summed - expected) / torch.linalg.vector_norm(expected)
+    assert error <= 0.1  # the subsets' usage differs from the whole's by sampling noise

@@ -1,12 +1,12 @@
 """The rate term (`qareg.rate`) as one autograd Function with compiled (numba) passes on
 the CPU, instead of a dozen tensor-sized torch operations (which took qareg's vgg16 step
-from 1.15x to 1.72x a plain step). Per slice of weights: one compiled pass finds each
-weight's logit and the representative across it, torch's vectorized sigmoid turns the
-logits into shares, and one more compiled pass adds up the soft counts; backward
-recomputes the shares the same way and writes both gradients in one pass. (numba's exp is
-a scalar library call on machines without Intel's SVML, which made exp-per-weight passes
-take a fifth of a vgg16 step.) Same values and gradients as the torch formulation (tests
-compare them).
+from 1.15x to 1.72x a plain step). One compiled pass finds each weight's logit and the
+representative across it, torch's vectorized sigmoid turns the logits into shares, and one
+more compiled pass adds up the soft counts; the shares and the representatives across are
+kept for backward (5 bytes a float32 weight; `qareg.rate` samples large tensors), which
+writes both gradients in one pass. (numba's exp is a scalar library call on machines
+without Intel's SVML, which made exp-per-weight passes take a fifth of a vgg16 step.) Same
+values and gradients as the torch formulation (tests compare them).
 
 Per weight w with nearest representative c_a and other-side neighbour c_b, share
 p = sigmoid(z), z = ((w - c_b)^2 - (w - c_a)^2) / (s^2 T); q = soft counts / N; H = entropy
@@ -26,8 +26,6 @@ from torch import Tensor
 
 from qareg.nearest import assign, index_dtype
 from qareg.nearest_cpu import supports, thread_plan
-
-CHUNK = 1 << 20  # weights per slice: bounds the logits' scratch (4 or 8 MiB)
 
 
 @njit(parallel=True, cache=True)
@@ -74,22 +72,6 @@ def _gradients(w, c, nearest, other, p, g, inv, scale_by, grad_w, partial):  # n
             partial[part, b] -= factor * (v - c[b])
 
 
-def _slices(w: np.ndarray, nearest: np.ndarray, c: np.ndarray, inv: float):  # noqa: ANN202
-    """(start, stop, ranges, shares, other) per slice of CHUNK weights: each weight's share
-    p = sigmoid(z) on its nearest representative (torch's vectorized sigmoid, in the
-    weights' dtype as the torch formulation computes it) and the representative across it;
-    the scratch is reused from slice to slice."""
-    z = torch.empty(min(CHUNK, w.size), dtype=torch.from_numpy(w[:0]).dtype)  # w's dtype
-    other = np.empty(z.numel(), dtype=nearest.dtype)
-    for start in range(0, w.size, CHUNK):
-        stop = min(w.size, start + CHUNK)
-        _, parts = thread_plan(stop - start)
-        shares, others = z[: stop - start], other[: stop - start]
-        _logits(w[start:stop], c, nearest[start:stop], inv, parts, shares.numpy(), others)
-        torch.sigmoid(shares, out=shares)
-        yield start, stop, parts, shares.numpy(), others
-
-
 class CompiledRate(torch.autograd.Function):
     """H(soft usage) in bits of one tensor (see the module docstring)."""
 
@@ -98,40 +80,41 @@ class CompiledRate(torch.autograd.Function):
                 temperature: float) -> Tensor:
         w = weights.detach().reshape(-1).contiguous()
         c = representatives.detach().to(w.dtype)
-        nearest = assign(w, c).to(index_dtype(c.numel()))  # 1 byte a weight for k <= 256
+        k = c.numel()
+        nearest = assign(w, c).to(index_dtype(k)).numpy()  # 1 byte a weight for k <= 256
         inv = 1.0 / (scale * scale * temperature)
-        c_np = c.double().numpy()  # the weights stay in their dtype: no copy
-        counts = np.zeros(c.numel())
-        for start, stop, parts, shares, others in _slices(w.numpy(), nearest.numpy(), c_np,
-                                                          inv):
-            partial = np.zeros((parts, c.numel()))
-            _soft_counts(shares, nearest.numpy()[start:stop], others, partial)
-            counts += partial.sum(axis=0)
-        q = counts / max(1, w.numel())
+        shares = torch.empty_like(w)  # the logits, then (torch's sigmoid in place) the shares
+        other = np.empty_like(nearest)
+        _, parts = thread_plan(w.numel())
+        _logits(w.numpy(), c.double().numpy(), nearest, inv, parts, shares.numpy(), other)
+        torch.sigmoid(shares, out=shares)
+        partial = np.zeros((parts, k))
+        _soft_counts(shares.numpy(), nearest, other, partial)
+        q = partial.sum(axis=0) / max(1, w.numel())
         used = q > 0
         bits = float(-(q[used] * np.log2(q[used])).sum())
-        ctx.save_for_backward(weights, representatives, nearest)
+        ctx.save_for_backward(weights, representatives)
+        ctx.nearest, ctx.other, ctx.shares = nearest, other, shares.numpy()
         ctx.q, ctx.inv = q, inv
         return torch.tensor(bits, dtype=weights.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, upstream: Tensor) -> tuple[Tensor | None, ...]:
-        weights, representatives, nearest = ctx.saved_tensors
+        weights, representatives = ctx.saved_tensors
         w = weights.detach().reshape(-1).contiguous().numpy()
         c = representatives.detach().to(weights.dtype).double().numpy()
         q = ctx.q
         g = np.where(q > 0, -(np.log2(np.maximum(q, 1e-300)) + 1.0 / math.log(2)), 0.0)
         g = g / max(1, w.size)
-        grad_w, grad_c = np.empty_like(w), np.zeros(c.size)
-        index = nearest.numpy()
-        for start, stop, parts, shares, others in _slices(w, index, c, ctx.inv):
-            partial = np.zeros((parts, c.size))
-            _gradients(w[start:stop], c, index[start:stop], others, shares, g, ctx.inv,
-                       float(upstream), grad_w[start:stop], partial)
-            grad_c += partial.sum(axis=0)
+        grad_w = np.empty_like(w)
+        _, parts = thread_plan(w.size)
+        partial = np.zeros((parts, c.size))
+        _gradients(w, c, ctx.nearest, ctx.other, ctx.shares, g, ctx.inv, float(upstream),
+                   grad_w, partial)
+        ctx.nearest = ctx.other = ctx.shares = None
         return (torch.from_numpy(grad_w).reshape(weights.shape),
-                torch.from_numpy(grad_c).to(representatives.dtype), None, None)
+                torch.from_numpy(partial.sum(axis=0)).to(representatives.dtype), None, None)
 
 
 def compiled_rate_bits(weights: Tensor, representatives: Tensor, scale: float,

@@ -79,6 +79,9 @@ class QaregConfig:
     # bits per weight, qareg.rate); 0: off. rate_temperature: its softness (scale squared)
     rate: float = 0.0
     rate_temperature: float = 0.05
+    # weights per tensor the rate term reads each step: a strided subset of larger tensors
+    # that turns with the step (qareg.rate.sampled); 0: every weight every step
+    rate_sample: int = 1 << 16
     # stored bits per quantized weight the final file may take (indices entropy coded plus
     # codebooks; fractional allowed, e.g. 0.75): met after training by entropy-constrained
     # assignment (qareg.budget). Training starts from k = 2**ceil(budget) (at least 2).
@@ -116,6 +119,7 @@ class QaregConfig:
         check_bool("zero", self.zero)
         check_float("rate", self.rate, 0)
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
+        check_int("rate_sample", self.rate_sample, 0)
         check_int("budget_steps", self.budget_steps, 0)
         if self.budget_k is not None:
             check_int("budget_k", self.budget_k, 3 if self.zero else 2, MAX_K)
@@ -274,7 +278,8 @@ class QaregMethod(Method):
             term = penalty(model, c.variant, temperature=c.temperature_at(progress.fraction),
                            layer_weights=c.layer_weights)
         if c.rate > 0:
-            term = term + c.rate * model_rate_bits(quantized_tensors(model), c.rate_temperature)
+            term = term + c.rate * model_rate_bits(quantized_tensors(model), c.rate_temperature,
+                                                   c.rate_sample, progress.step)
         return term
 
     def finalize(self, model: nn.Module, bits: int | None, calibration: Calibration = None
