@@ -358,3 +358,18 @@ def test_each_rival_is_checked_against_the_best_qareg_at_no_more_bytes():
     assert entries[("lsq", 2)]["best"]["method"] == "qareg-size"  # 9.8 KB, not 13
     assert entries[("lsq", 2)]["dominated"]
     assert entries[("lsq", 1)]["best"]["bits"] == 0.75 and not entries[("lsq", 1)]["dominated"]
+    assert entries[("lsq", 2)]["paired"] is None  # no rows given
+
+
+def test_the_frontier_table_pairs_each_rival_with_its_best_qareg_by_seed():
+    from qareg.report import dominance_markdown, dominance_table, summary
+
+    def row(method, bits, seed, accuracy, size):
+        return {"model": "m", "dataset": "d", "method": method, "bits": bits, "seed": seed,
+                "accuracy": accuracy, "file_bytes": size, "bits_per_weight": 2.0}
+
+    rows = [row("lsq", 2, s, a, 10_000) for s, a in enumerate([89.0, 90.0, 91.0])]
+    rows += [row("qareg-size", 1.2, s, a, 9_900) for s, a in enumerate([89.1, 90.2, 91.0])]
+    entries = dominance_table(summary(rows), rows=rows)
+    assert entries[0]["paired"]["mean"] == pytest.approx(0.1) and entries[0]["paired"]["n"] == 3
+    assert "+0.10 [" in dominance_markdown(entries)

@@ -75,11 +75,12 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> list[Path]
         if plots[-1].name == size_name:
             text += [f"![accuracy vs stored bytes]({size_name})", ""]
         here = [s for s in groups if (s["model"], s["dataset"]) == (model, dataset)]
-        dominance = dominance_table(here)
+        dominance = dominance_table(here, rows=setting_rows)
         if any(e["best"] is not None for e in dominance):
             text += ["### Each rival against the best qareg configuration at no more bytes", "",
                      "Means over seeds: the qareg family's (method, bits) with the highest "
-                     "accuracy among those whose file is no larger than the rival's.", "",
+                     "accuracy among those whose file is no larger than the rival's; beside it, "
+                     "its test accuracy minus the rival's paired by seed.", "",
                      dominance_markdown(dominance).rstrip("\n"), ""]
         paired = paired_table(setting_rows)
         if paired:

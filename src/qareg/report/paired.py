@@ -18,7 +18,7 @@ from qareg.report.results import is_reference, setting
 CONFIDENCE = 0.95
 
 
-def _accuracies(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[int, float]]:
+def accuracies_by_seed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[int, float]]:
     """(model, dataset, method, bits) -> {seed: accuracy}."""
     out: dict[tuple, dict[int, float]] = defaultdict(dict)
     for row in rows:
@@ -64,7 +64,7 @@ def paired_table(rows: Iterable[Mapping[str, Any]], subject: str | None = None
     qareg configuration that is not an ablation (`qareg`, `qareg-size`...). Ordered by
     model, dataset, bits, subject."""
     rows = [r for r in rows if not is_reference(r)]
-    accuracies = _accuracies(rows)
+    accuracies = accuracies_by_seed(rows)
     subjects = ({subject} if subject is not None else
                 {m for (_, _, m, _) in accuracies if family(m) == "qareg" and not is_ablation(m)})
     out = []
