@@ -217,6 +217,9 @@ def test_budget_k_sets_the_codebooks_a_budget_starts_from_and_is_checked():
     assert method.codebook_size(3) == 8  # whole bits still set k = 2**bits
     with pytest.raises(ConfigError, match="budget_k"):
         create_method("qareg", {"budget_k": 2, "zero": True})
+    with pytest.raises(ConfigError, match="budget_k=12 .* bits=3 is whole"):
+        create_method("qareg", {"budget_k": 12}).prepare(
+            qareg.create_model("lenet5", 10, 1, 28), 3, seed=0)
 
 
 def test_convert_snaps_by_the_trained_assignment_and_the_file_stores_it(tmp_path):

@@ -190,7 +190,7 @@ class QaregMethod(Method):
     def resolve_bits(self, bits: int | float | None) -> int | float | None:
         """Any bits set k = 2**bits, and a fractional budget k = 2**ceil(budget), met after
         training (`qareg.budget`); without, the config's k decides. A k set apart from its
-        default must agree with whole bits."""
+        default must agree with whole bits; `budget_k` needs a budget."""
         if bits is None:
             return None
         bits = check_bits_or_budget(bits)
@@ -200,6 +200,10 @@ class QaregMethod(Method):
         if not is_budget(bits) and k != type(self.config).k and k != 2 ** bits:
             raise ConfigError(f"bits={bits} means k = {2 ** bits}, but k is {k}; give one of "
                               "them")
+        if not is_budget(bits) and self.config.budget_k is not None:
+            raise ConfigError(f"budget_k={self.config.budget_k} sets the codebooks a size "
+                              f"budget starts from, but bits={bits} is whole (k = {2 ** bits}); "
+                              "give a fractional budget such as 1.5, or no budget_k")
         return bits
 
     def budget_for(self, bits: int | float | None) -> float | None:
