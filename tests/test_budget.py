@@ -230,3 +230,48 @@ def test_convert_snaps_by_the_trained_assignment_and_the_file_stores_it(tmp_path
     for t in quantized_tensors(model):
         assert t.codebook.cuts is None and torch.equal(t.weight, expected[t.name])
     save_compressed(model, tmp_path / "m.qz")  # every weight maps back to its own value
+
+
+def index_entropy(t) -> float:
+    """Bits per weight of the empirical entropy of `t`'s assignment to its codebook."""
+    counts = torch.bincount(t.codebook.assign(t.weight).reshape(-1)).double()
+    shares = counts[counts > 0] / counts.sum()
+    return float(-(shares * shares.log2()).sum())
+
+
+def test_training_cuts_weighted_by_sensitivity_keep_more_bits_where_it_is_high():
+    alike, weighted = prepared(4), prepared(4)
+    first = quantized_tensors(weighted)[0].name
+    training_cuts(alike, 0.8, sample=1 << 20)
+    training_cuts(weighted, 0.8, sample=1 << 20, sensitivity={first: 1e3})
+    entropy = {id(m): {t.name: index_entropy(t) for t in quantized_tensors(m)}
+               for m in (alike, weighted)}
+    assert entropy[id(weighted)][first] > entropy[id(alike)][first] + 0.2
+    assert entropy[id(weighted)][first] > 1.5  # nearly all four levels, where alike prunes
+
+
+def test_budget_fisher_needs_budget_steps():
+    create_method("qareg", {"budget_fisher": True, "budget_steps": 5})
+    with pytest.raises(ConfigError, match="budget_fisher .* budget_steps is 0"):
+        create_method("qareg", {"budget_fisher": True})
+
+
+def test_budget_fisher_measures_sensitivities_and_the_file_keeps_the_learned_assignment(
+        tiny_splits, tmp_path):
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    config = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3)
+    method = create_method("qareg", {"budget_steps": 4, "budget_fisher": True, "zero": True})
+    method.prepare(model, 0.6, seed=0)
+    train(model, tiny_splits, config, method, progress=False)
+    names = [t.name for t in quantized_tensors(model)]
+    sensitivity = method._sensitivity
+    assert set(sensitivity) == set(names) and all(v > 0 for v in sensitivity.values())
+    twin = copy.deepcopy(model)
+    training_cuts(twin, 0.6, sensitivity=sensitivity)  # the rule training last used
+    learned = {t.name: t.codebook.quantize(t.weight) for t in quantized_tensors(twin)}
+    method.convert(model, 0.6)
+    for t in quantized_tensors(model):  # the same but for float rounding at boundaries
+        assert (t.weight != learned[t.name]).float().mean() <= 1e-3, t.name
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert bits <= 0.6 * 1.02

@@ -211,45 +211,55 @@ def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE
-                  ) -> float:
+def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE,
+                  sensitivity: Mapping[str, float] | None = None) -> float:
     """Set each codebook's `cuts` to the boundaries of the entropy-constrained assignment
-    that meets `bits_per_weight` now (`meet_budget`'s, all tensors weighted alike, shares
-    estimated on every `n // sample`-th weight), so that snapped training passes and the
-    penalty use the assignment the file will have, and the network learns under it.
-    Returns the multiplier mu (0: the nearest rule already meets the budget)."""
+    that meets `bits_per_weight` now (`meet_budget`'s, each tensor's distortion weighted by
+    `sensitivity`, alike without; shares estimated on every `n // sample`-th weight), so
+    that snapped training passes and the penalty use the assignment the file will have, and
+    the network learns under it. Returns the multiplier mu (0: the nearest rule already
+    meets the budget)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
-    states = _states(model, None, sample)
+    states = _states(model, sensitivity, sample)
     mu = _multiplier(states, bits_per_weight)
     if mu == 0:
         return mu
     for s in states:
-        s.t.codebook.cuts = torch.from_numpy(_assign(s.x, s.centers, mu / s.sensitivity,
+        s.t.codebook.cuts = torch.from_numpy(_assign(s.x, s.centers,
+                                                     mu / max(s.sensitivity, 1e-30),
                                                      s.nearest)[1])
     return mu
 
 
+def gradient_sensitivity(tensors: list[QuantizedTensor], loss: Tensor) -> dict[str, float]:
+    """Per tensor of `tensors`: the mean squared gradient of `loss` over its weights times
+    its codebook's scale squared (one batch's diagonal empirical Fisher along the scaled
+    distortion). The graph is kept, so training's backward can follow."""
+    grads = torch.autograd.grad(loss, [t.weight for t in tensors], retain_graph=True,
+                                allow_unused=True)
+    return {t.name: 0.0 if g is None else
+            float(g.double().square().mean()) * float(t.codebook.scale) ** 2
+            for t, g in zip(tensors, grads, strict=True)}
+
+
 def fisher_sensitivity(model: nn.Module, batches: Iterable, max_batches: int = 4
                        ) -> dict[str, float]:
-    """Per quantized tensor: the mean squared gradient of the cross-entropy over its
-    weights (a diagonal empirical Fisher, from batch gradients) times its codebook's scale
-    squared: the loss's curvature along that tensor's scaled distortion. Measured on the
-    first `max_batches` of `batches` ((inputs, labels) pairs); the model is left as it was."""
+    """Per quantized tensor: `gradient_sensitivity` of the cross-entropy averaged over the
+    first `max_batches` of `batches` ((inputs, labels) pairs): the loss's curvature along
+    that tensor's scaled distortion. The model is left as it was."""
     tensors = require_codebooks(model)
-    squares = {t.name: 0.0 for t in tensors}
+    sums = {t.name: 0.0 for t in tensors}
     was_training, count = model.training, 0
     model.eval()
     try:
         for inputs, labels in islice(batches, max_batches):
-            weights = [t.weight for t in tensors]
             with torch.enable_grad():
                 loss = nn.functional.cross_entropy(model(inputs), labels)
-                grads = torch.autograd.grad(loss, weights)
-            for t, g in zip(tensors, grads, strict=True):
-                squares[t.name] += float(g.double().square().mean())
+                for name, value in gradient_sensitivity(tensors, loss).items():
+                    sums[name] += value
             count += 1
     finally:
         model.train(was_training)
     if not count:
         raise ConfigError("fisher_sensitivity: the batches are empty")
-    return {t.name: squares[t.name] / count * float(t.codebook.scale) ** 2 for t in tensors}
+    return {name: value / count for name, value in sums.items()}

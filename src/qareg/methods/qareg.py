@@ -19,10 +19,17 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from qareg.budget import fisher_sensitivity, meet_budget, training_cuts
+from qareg.budget import (
+    fisher_sensitivity,
+    gradient_sensitivity,
+    meet_budget,
+    training_cuts,
+)
 from qareg.constants import MAX_K, PENALTY_VARIANTS
+from qareg.distributed import current_world, mean_over_ranks
 from qareg.errors import ConfigError
 from qareg.methods.base import Calibration, Grids, Method, Progress, register_method
 from qareg.quantize import (
@@ -47,6 +54,9 @@ from qareg.validate import (
 )
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+# budget_fisher: weight of the earlier measurements in each tensor's sensitivity, a moving
+# average over renewals (one batch each) that follows the network without one batch's noise
+SENSITIVITY_DECAY = 0.8
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,11 @@ class QaregConfig:
     # least 3 with a zero). More than the budget's bits lets the entropy-constrained
     # assignment keep more levels at the same rate (and drop those it does not need)
     budget_k: int | None = None
+    # with budget_steps: weigh each tensor's distortion in the budget's assignment (training's
+    # and the file's) by its sensitivity, measured from the task loss's gradient every
+    # budget_steps steps (`sensitivity_from_gradients`), so that tensors the loss reacts to
+    # most (a small first convolution) keep more bits at the same size; False: alike
+    budget_fisher: bool = False
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
     group_size: int = 0
@@ -121,6 +136,12 @@ class QaregConfig:
         check_float("rate_temperature", self.rate_temperature, 0, low_open=True)
         check_int("rate_sample", self.rate_sample, 0)
         check_int("budget_steps", self.budget_steps, 0)
+        check_bool("budget_fisher", self.budget_fisher)
+        if self.budget_fisher and not self.budget_steps:
+            raise ConfigError("budget_fisher weighs the assignment training renews every "
+                              "budget_steps steps, but budget_steps is 0 (give budget_steps "
+                              "> 0; without it the final assignment already weighs each "
+                              "tensor by fisher_sensitivity on calibration batches)")
         if self.budget_k is not None:
             check_int("budget_k", self.budget_k, 3 if self.zero else 2, MAX_K)
         check_int("group_size", self.group_size, 0)
@@ -243,6 +264,7 @@ class QaregMethod(Method):
         for t in quantized_tensors(model):  # fine-tuning a qareg network: this config decides
             t.codebook.zero = c.zero
         self._cuts_step: int | None = None  # the step training_cuts last ran at
+        self._sensitivity: dict[str, float] | None = None  # budget_fisher's moving average
         check_patterns_match(c.layer_weights, [t.name for t in quantized_tensors(model)],
                              "layer_weights pattern")
 
@@ -260,14 +282,39 @@ class QaregMethod(Method):
             return straight_through(model, self._fused_terms, self.config.variant)
         return nullcontext()
 
-    def _update_cuts(self, model: nn.Module, progress: Progress) -> None:
-        """Under a budget with `budget_steps`, the assignment training uses, renewed every
-        `budget_steps` steps (and at the first step of a run or a resume)."""
-        budget, every = self.budget_for(self.bits), self.config.budget_steps
+    def _cuts_due(self, progress: Progress) -> bool:
+        """Whether training's budget assignment is renewed at this step: under a budget
+        with `budget_steps`, every `budget_steps` steps and at the first of a run or a
+        resume."""
         last = getattr(self, "_cuts_step", None)
-        if budget is None or not every or (last is not None and progress.step - last < every):
+        return (self.budget_for(self.bits) is not None and bool(self.config.budget_steps)
+                and (last is None or progress.step - last >= self.config.budget_steps))
+
+    def _update_cuts(self, model: nn.Module, progress: Progress) -> None:
+        """Renew the assignment training uses, before the forward pass (with
+        `budget_fisher`, after it: `_update_weighted_cuts`)."""
+        if self.config.budget_fisher or not self._cuts_due(progress):
             return
-        training_cuts(model, budget)
+        training_cuts(model, self.budget_for(self.bits))
+        self._cuts_step = progress.step
+
+    def _update_weighted_cuts(self, model: nn.Module, task_loss: Tensor,
+                              progress: Progress) -> None:
+        """`budget_fisher`: measure each tensor's sensitivity from this batch's task loss,
+        fold it into the moving average (the same on every rank) and renew the assignment
+        with it; the next forward pass uses it."""
+        if not self.config.budget_fisher or not self._cuts_due(progress):
+            return
+        tensors = require_codebooks(model)
+        measured = gradient_sensitivity(tensors, task_loss)
+        values = mean_over_ranks(torch.tensor([measured[t.name] for t in tensors],
+                                              dtype=torch.float64),
+                                 current_world()).tolist()
+        old = getattr(self, "_sensitivity", None)
+        self._sensitivity = {t.name: value if old is None else
+                             SENSITIVITY_DECAY * old[t.name] + (1 - SENSITIVITY_DECAY) * value
+                             for t, value in zip(tensors, values, strict=True)}
+        training_cuts(model, self.budget_for(self.bits), sensitivity=self._sensitivity)
         self._cuts_step = progress.step
 
     def lam(self, progress: Progress) -> float:
@@ -275,6 +322,7 @@ class QaregMethod(Method):
 
     def regularizer(self, model: nn.Module, task_loss: Tensor, progress: Progress) -> Tensor:
         c = self.config
+        self._update_weighted_cuts(model, task_loss, progress)
         fused, self._fused_terms = getattr(self, "_fused_terms", {}), {}
         if fused:  # computed by this step's snapped forward pass, at the same weights
             term = weighted_sum(fused, c.layer_weights)
@@ -292,9 +340,14 @@ class QaregMethod(Method):
         weights are first reassigned to meet it (`qareg.budget.meet_budget`), each tensor's
         distortion weighted by its sensitivity measured on `calibration` when given; after
         training under the budget's assignment (`budget_steps`), by the rule training used
-        (every tensor alike), so that the file keeps the assignment the network learned."""
+        (its last sensitivities with `budget_fisher`, else every tensor alike), so that the
+        file keeps the assignment the network learned."""
         budget = self.budget_for(bits)
         if budget is not None:
-            weigh = calibration is not None and not self.config.budget_steps
-            meet_budget(model, budget, fisher_sensitivity(model, calibration) if weigh else None)
+            if self.config.budget_steps:
+                weights = getattr(self, "_sensitivity", None) if self.config.budget_fisher else None
+            else:
+                weights = (fisher_sensitivity(model, calibration) if calibration is not None
+                           else None)
+            meet_budget(model, budget, weights)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
