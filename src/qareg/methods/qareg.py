@@ -107,7 +107,7 @@ class QaregConfig:
     budget_k: int | None = None
     # with budget_steps: weigh each tensor's distortion in the budget's assignment (training's
     # and the file's) by its sensitivity, measured from the task loss's gradient every
-    # budget_steps steps (`sensitivity_from_gradients`), so that tensors the loss reacts to
+    # budget_steps steps (qareg.budget.gradient_sensitivity), so that tensors the loss reacts to
     # most (a small first convolution) keep more bits at the same size; False: alike
     budget_fisher: bool = False
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
