@@ -118,15 +118,22 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(fashion_d
     assert run_cli(train_argv(fashion_dir, reference, method=method), env).wait() == 0
 
     killed = tmp_path / "killed.pt"
-    rng = random.Random(seed)
-    process = run_cli(train_argv(fashion_dir, killed, method=method), env)
-    while not killed.exists() and process.poll() is None:  # wait for the first epoch
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-epoch or mid-write
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    payload = read_checkpoint(killed)  # never torn: the old file or the new one
-    stopped_after = payload.get("train_state", {}).get("epoch", 6)
+    delay = random.Random(seed).uniform(0.0, 2.0)  # after the first epoch: a random moment
+    for _ in range(6):  # mid-epoch or mid-write; a run that finishes first is tried sooner
+        for stale in tmp_path.glob("killed*"):
+            stale.unlink()
+        process = run_cli(train_argv(fashion_dir, killed, method=method), env)
+        while not killed.exists() and process.poll() is None:  # wait for the first epoch
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        payload = read_checkpoint(killed)  # never torn: the old file or the new one
+        if "train_state" in payload:  # stopped before its last epoch was saved
+            break
+        delay /= 4
+    stopped_after = payload.get("train_state", {}).get("epoch")
+    assert stopped_after is not None, "every run finished before it could be killed"
 
     resumed = run_cli([*train_argv(fashion_dir, killed, method=method), "--resume"], env)
     _, stderr = resumed.communicate()
