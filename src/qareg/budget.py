@@ -112,12 +112,16 @@ class _Tensor:
     sensitivity: float  # weight of this tensor's distortion against the model's bits
     count: int  # weights in the tensor (x may be a sample of them)
 
+    def assign(self, mu: float) -> tuple[np.ndarray, np.ndarray]:
+        """The entropy-constrained assignment at model multiplier `mu`, this tensor's
+        distortion weighted by its sensitivity, and its boundaries (`_assign`)."""
+        return _assign(self.x, self.centers, mu / max(self.sensitivity, 1e-30), self.nearest)
+
 
 def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
     total_bytes, assignments = 0.0, []
     for s in states:
-        index = (_assign(s.x, s.centers, mu / max(s.sensitivity, 1e-30), s.nearest)[0]
-                 if mu > 0 else s.nearest)
+        index = s.assign(mu)[0] if mu > 0 else s.nearest
         counts = np.bincount(index, minlength=s.centers.size) * (s.count / s.x.size)
         used = max(2, int((counts > 0).sum()))
         total_bytes += _index_bytes(counts) + CODEBOOK_BYTES * used
@@ -225,9 +229,7 @@ def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE
     if mu == 0:
         return mu
     for s in states:
-        s.t.codebook.cuts = torch.from_numpy(_assign(s.x, s.centers,
-                                                     mu / max(s.sensitivity, 1e-30),
-                                                     s.nearest)[1])
+        s.t.codebook.cuts = torch.from_numpy(s.assign(mu)[1])
     return mu
 
 
