@@ -275,3 +275,45 @@ def test_budget_fisher_measures_sensitivities_and_the_file_keeps_the_learned_ass
         assert (t.weight != learned[t.name]).float().mean() <= 1e-3, t.name
     bits, _ = stored_bits(model, tmp_path / "m.qz")
     assert bits <= 0.6 * 1.02
+
+
+def ternary_mixture(shares=(4500, 3000, 2500)) -> torch.nn.Module:
+    """A layer whose weights cluster at -1, 0 and 1, with a ternary codebook there."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(c, 0.1, n)
+                             for c, n in zip((-1, 0, 1), shares, strict=True)])
+    layer = torch.nn.Linear(100, values.size // 100, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(rng.permutation(values).reshape(-1, 100)))
+    return qareg.prepare(torch.nn.Sequential(layer), 3, seed=0, zero=True)
+
+
+def test_a_zero_with_a_smaller_share_than_its_neighbour_keeps_the_weights_under_a_budget(
+        tmp_path):
+    """cnn4's last convolution under one bit: the neighbour held more weights by the nearest
+    rule and took the zero's as the multiplier grew, leaving two values at a bit per weight;
+    the dead zone keeps the zero, the cheapest value to store."""
+    model = ternary_mixture()
+    meet_budget(model, 0.6, dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert bits <= 0.6 * 1.02
+    values, counts = torch.unique(model[0].weight, return_counts=True)
+    assert values.numel() == 3 and values[counts.argmax()].item() == 0
+
+
+def test_no_tensor_ends_on_one_value_however_cheap_its_sensitivity_prices_it(tmp_path):
+    """A tensor weighted a million times below the rest gives up nearly all its bits, but
+    keeps two values in use and at most 98% of its weights on the zero."""
+    model = prepared(3)
+    for t in quantized_tensors(model):
+        t.codebook.zero = True
+        t.codebook.project_()
+    names = [t.name for t in quantized_tensors(model)]
+    meet_budget(model, 0.5, {n: 1e-6 if n == names[-2] else 1.0 for n in names},
+                dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert bits <= 0.5 * 1.02
+    for t in quantized_tensors(model):
+        values, counts = torch.unique(t.weight, return_counts=True)
+        assert values.numel() >= 2, t.name
+        assert counts[values == 0].sum() <= 0.98 * t.weight.numel() + 1, t.name

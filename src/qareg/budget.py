@@ -103,6 +103,49 @@ def _index_bytes(counts: np.ndarray) -> float:
     return float(min(packed_size(int(n), max(1, math.ceil(math.log2(k)))), ranged))
 
 
+# Shares of a tensor's smallest weights that a dead-zone assignment puts on a pinned zero
+# (the rest to the nearest nonzero representative). At most 98%: never a tensor on one value.
+DEAD_ZONES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
+
+
+@dataclass
+class _Candidate:
+    """A fixed assignment a tensor may take at any multiplier: its indices, their
+    boundaries, squared distortion and index bits (entropy of its shares, times n)."""
+
+    index: np.ndarray
+    bounds: np.ndarray
+    distortion: float
+    bits: float
+
+
+def _index_bits(index: np.ndarray, k: int) -> float:
+    counts = np.bincount(index, minlength=k)
+    counts = counts[counts > 0]
+    return float(-(counts * np.log2(counts / index.size)).sum())
+
+
+def _dead_zones(x: np.ndarray, centers: np.ndarray) -> list[_Candidate]:
+    """Per share q of `DEAD_ZONES`: the weights with |x| at most its q-quantile on the zero
+    representative, the others on their nearest nonzero one; none without a zero."""
+    zero = np.flatnonzero(centers == 0)
+    if not zero.size or not 0 < zero[0] < centers.size - 1:  # a zero between two values
+        return []
+    z = int(zero[0])
+    mids = (centers[1:] + centers[:-1]) / 2
+    magnitude = np.abs(x)
+    candidates = []
+    for threshold in np.quantile(magnitude, DEAD_ZONES):
+        bounds = mids.copy()
+        bounds[:z] = np.minimum(bounds[:z], -threshold)
+        bounds[z:] = np.maximum(bounds[z:], threshold)
+        bounds[z - 1], bounds[z] = -threshold, threshold
+        index = np.searchsorted(bounds, x, side="left")
+        candidates.append(_Candidate(index, bounds, float(np.square(x - centers[index]).sum()),
+                                     _index_bits(index, centers.size)))
+    return candidates
+
+
 @dataclass
 class _Tensor:
     t: QuantizedTensor
@@ -111,11 +154,30 @@ class _Tensor:
     nearest: np.ndarray  # assignment by nearest representative
     sensitivity: float  # weight of this tensor's distortion against the model's bits
     count: int  # weights in the tensor (x may be a sample of them)
+    dead_zones: list[_Candidate]  # fixed assignments with a dead zone (`_dead_zones`)
 
     def assign(self, mu: float) -> tuple[np.ndarray, np.ndarray]:
-        """The entropy-constrained assignment at model multiplier `mu`, this tensor's
-        distortion weighted by its sensitivity, and its boundaries (`_assign`)."""
-        return _assign(self.x, self.centers, mu / max(self.sensitivity, 1e-30), self.nearest)
+        """The assignment at model multiplier `mu`, this tensor's distortion weighted by its
+        sensitivity, and its boundaries: the entropy-constrained iteration from the nearest
+        rule (`_assign`) or, with a pinned zero, a dead-zone assignment, whichever costs
+        less (distortion plus multiplier times index bits). Iterated alone, a neighbour of
+        the zero with a larger share absorbs it as the multiplier grows (cnn4's last
+        convolution under one bit: every weight on two values, a full bit per weight);
+        and iterated from a dead zone, the zero absorbs everything (branch deadzone). The
+        exact optimum is no better: it jumps to the convex hull of the tensor's
+        rate-distortion curve, the whole tensor on one value (branch ecsq-dp)."""
+        m = mu / max(self.sensitivity, 1e-30)
+        index, bounds = _assign(self.x, self.centers, m, self.nearest)
+        if not self.dead_zones:
+            return index, bounds
+        cost = math.inf
+        if np.unique(index).size >= 2:  # a tensor on one value is never wanted
+            cost = (float(np.square(self.x - self.centers[index]).sum())
+                    + m * _index_bits(index, self.centers.size))
+        for c in self.dead_zones:
+            if c.distortion + m * c.bits < cost:
+                index, bounds, cost = c.index, c.bounds, c.distortion + m * c.bits
+        return index, bounds
 
 
 def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
@@ -131,10 +193,11 @@ def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarr
 
 
 def _states(model: nn.Module, sensitivity: Mapping[str, float] | None,
-            sample: int | None = None) -> list[_Tensor]:
+            sample: int | None = None, dead_zones: bool = False) -> list[_Tensor]:
     """Every quantized tensor of `model` as the assignment sees it: its weights in scale
     units (every `n // sample`-th of them with `sample`), representatives, nearest indices
-    and sensitivity. Any cuts of an earlier training are cleared: the nearest rule starts."""
+    and sensitivity (and dead-zone assignments, with `dead_zones`). Any cuts of an earlier
+    training are cleared: the nearest rule starts."""
     tensors = require_codebooks(model)
     grouped = [t.name for t in tensors if not t.codebook.plain]
     if grouped:
@@ -155,7 +218,7 @@ def _states(model: nn.Module, sensitivity: Mapping[str, float] | None,
         centers = t.codebook.normalized.detach().double().cpu().numpy()
         nearest = t.codebook.assign(flat[::step]).cpu().numpy()
         states.append(_Tensor(t, x, centers, nearest, sensitivity.get(t.name, 1.0),
-                              flat.numel()))
+                              flat.numel(), _dead_zones(x, centers) if dead_zones else []))
     return states
 
 
@@ -179,15 +242,18 @@ def _multiplier(states: list[_Tensor], bits_per_weight: float) -> float:
 
 @torch.no_grad()
 def meet_budget(model: nn.Module, bits_per_weight: float,
-                sensitivity: Mapping[str, float] | None = None) -> float:
+                sensitivity: Mapping[str, float] | None = None, dead_zones: bool = False
+                ) -> float:
     """Reassign the quantized weights of prepared `model` so that its stored index and
     codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
     drops unused representatives (k shrinks, never below 2). `sensitivity` (tensor name ->
     weight, e.g. `fisher_sensitivity`) weights each tensor's distortion; by default all
-    count alike. Returns the bits estimated for the file (the real file is within a few
+    count alike. `dead_zones` lets a tensor with a pinned zero take a dead-zone assignment
+    where it costs less (`_Tensor.assign`); False: the iteration alone. Returns the bits
+    estimated for the file (the real file is within a few
     bytes per tensor of it)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
-    states = _states(model, sensitivity)
+    states = _states(model, sensitivity, dead_zones=dead_zones)
     bits, assignments = _stored_bits(states, _multiplier(states, bits_per_weight))
     for s, index in zip(states, assignments, strict=True):
         _apply(s.t, s.centers, index)
@@ -216,15 +282,16 @@ def _apply(t: QuantizedTensor, centers: np.ndarray, index: np.ndarray) -> None:
 
 @torch.no_grad()
 def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE,
-                  sensitivity: Mapping[str, float] | None = None) -> float:
+                  sensitivity: Mapping[str, float] | None = None, dead_zones: bool = False
+                  ) -> float:
     """Set each codebook's `cuts` to the boundaries of the entropy-constrained assignment
     that meets `bits_per_weight` now (`meet_budget`'s, each tensor's distortion weighted by
-    `sensitivity`, alike without; shares estimated on every `n // sample`-th weight), so
-    that snapped training passes and the penalty use the assignment the file will have, and
-    the network learns under it. Returns the multiplier mu (0: the nearest rule already
-    meets the budget)."""
+    `sensitivity`, alike without, with `dead_zones` or not; shares estimated on every
+    `n // sample`-th weight), so that snapped training passes and the penalty use the
+    assignment the file will have, and the network learns under it. Returns the multiplier
+    mu (0: the nearest rule already meets the budget)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
-    states = _states(model, sensitivity, sample)
+    states = _states(model, sensitivity, sample, dead_zones)
     mu = _multiplier(states, bits_per_weight)
     if mu == 0:
         return mu

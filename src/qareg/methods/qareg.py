@@ -110,6 +110,11 @@ class QaregConfig:
     # budget_steps steps (qareg.budget.gradient_sensitivity), so that tensors the loss reacts to
     # most (a small first convolution) keep more bits at the same size; False: alike
     budget_fisher: bool = False
+    # with a budget and a pinned zero: a tensor may take a dead-zone assignment (its smallest
+    # weights, up to 98%, on the zero) where that costs less than the entropy-constrained
+    # iteration's, which under one bit can let a neighbour absorb the zero or empty a
+    # tensor (qareg.budget._Tensor.assign); False: the iteration alone
+    budget_dead_zones: bool = False
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
     group_size: int = 0
@@ -137,6 +142,7 @@ class QaregConfig:
         check_int("rate_sample", self.rate_sample, 0)
         check_int("budget_steps", self.budget_steps, 0)
         check_bool("budget_fisher", self.budget_fisher)
+        check_bool("budget_dead_zones", self.budget_dead_zones)
         if self.budget_fisher and not self.budget_steps:
             raise ConfigError("budget_fisher weighs the assignment training renews every "
                               "budget_steps steps, but budget_steps is 0 (give budget_steps "
@@ -295,7 +301,8 @@ class QaregMethod(Method):
         `budget_fisher`, after it: `_update_weighted_cuts`)."""
         if self.config.budget_fisher or not self._cuts_due(progress):
             return
-        training_cuts(model, self.budget_for(self.bits))
+        training_cuts(model, self.budget_for(self.bits),
+                      dead_zones=self.config.budget_dead_zones)
         self._cuts_step = progress.step
 
     def _update_weighted_cuts(self, model: nn.Module, task_loss: Tensor,
@@ -314,7 +321,8 @@ class QaregMethod(Method):
         self._sensitivity = {t.name: value if old is None else
                              SENSITIVITY_DECAY * old[t.name] + (1 - SENSITIVITY_DECAY) * value
                              for t, value in zip(tensors, values, strict=True)}
-        training_cuts(model, self.budget_for(self.bits), sensitivity=self._sensitivity)
+        training_cuts(model, self.budget_for(self.bits), sensitivity=self._sensitivity,
+                      dead_zones=self.config.budget_dead_zones)
         self._cuts_step = progress.step
 
     def lam(self, progress: Progress) -> float:
@@ -349,5 +357,5 @@ class QaregMethod(Method):
             else:
                 weights = (fisher_sensitivity(model, calibration) if calibration is not None
                            else None)
-            meet_budget(model, budget, weights)
+            meet_budget(model, budget, weights, dead_zones=self.config.budget_dead_zones)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
