@@ -277,6 +277,29 @@ def test_budget_fisher_measures_sensitivities_and_the_file_keeps_the_learned_ass
     assert bits <= 0.6 * 1.02
 
 
+def test_a_resumed_run_keeps_budget_fisher_s_sensitivities(tiny_splits):
+    """The moving average lives in the method: the checkpoint carries it, so a run resumed
+    with no step left meets its budget with it, not with every tensor alike."""
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    config = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3)
+    options = {"budget_steps": 4, "budget_fisher": True, "zero": True}
+    method = create_method("qareg", options)
+    method.prepare(model, 0.6, seed=0)
+    saved = []
+    train(model, tiny_splits, config, method, progress=False, save_state=saved.append)
+    assert saved[-1]["method"]["sensitivity"] == method._sensitivity
+    resumed = create_method("qareg", options)
+    twin = copy.deepcopy(model)
+    resumed.prepare(twin, 0.6, seed=0)
+    train(twin, tiny_splits, config, resumed, progress=False, resume=saved[-1])
+    assert resumed._sensitivity == method._sensitivity
+    method.convert(model, 0.6)
+    resumed.convert(twin, 0.6)
+    for a, b in zip(quantized_tensors(model), quantized_tensors(twin), strict=True):
+        assert torch.equal(a.weight, b.weight), a.name
+
+
 def ternary_mixture(shares=(4500, 3000, 2500)) -> torch.nn.Module:
     """A layer whose weights cluster at -1, 0 and 1, with a ternary codebook there."""
     rng = np.random.default_rng(0)

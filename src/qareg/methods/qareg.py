@@ -325,6 +325,16 @@ class QaregMethod(Method):
                       dead_zones=self.config.budget_dead_zones)
         self._cuts_step = progress.step
 
+    def training_state(self) -> dict[str, Any]:
+        """budget_fisher's moving-average sensitivities: a resumed run goes on averaging,
+        and one resumed with no step left meets its budget with them."""
+        sensitivity = getattr(self, "_sensitivity", None)
+        return {} if sensitivity is None else {"sensitivity": dict(sensitivity)}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if "sensitivity" in state:
+            self._sensitivity = {str(k): float(v) for k, v in state["sensitivity"].items()}
+
     def lam(self, progress: Progress) -> float:
         return self.config.lambda_at(progress.fraction)
 
