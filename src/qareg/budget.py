@@ -104,48 +104,54 @@ def _index_bytes(counts: np.ndarray) -> float:
 
 
 # Shares of a tensor's smallest weights that a dead-zone assignment puts on a pinned zero
-# (the rest to the nearest nonzero representative). With dead zones no tensor puts more than
-# the last (98%) on one value: an emptied layer is a loss no model of the loss foresees.
-DEAD_ZONES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
-MAX_SHARE = DEAD_ZONES[-1]
-
-
-@dataclass
-class _Candidate:
-    """A fixed assignment a tensor may take at any multiplier: its indices, their
-    boundaries, squared distortion and index bits (entropy of its shares, times n)."""
-
-    index: np.ndarray
-    bounds: np.ndarray
-    distortion: float
-    bits: float
+# (the rest to the nearest nonzero representative), fine enough that a tensor's bits move in
+# small steps with the multiplier. With dead zones no tensor puts more than the last (98%)
+# on one value: an emptied layer is a loss no quadratic model of the loss foresees.
+DEAD_ZONE_SHARES = np.linspace(0.3, 0.98, 69)
+MAX_SHARE = float(DEAD_ZONE_SHARES[-1])
 
 
 def _index_bits(index: np.ndarray, k: int) -> float:
+    """Bits of `index` under its own shares: n times their entropy."""
     counts = np.bincount(index, minlength=k)
     counts = counts[counts > 0]
     return float(-(counts * np.log2(counts / index.size)).sum())
 
 
-def _dead_zones(x: np.ndarray, centers: np.ndarray) -> list[_Candidate]:
-    """Per share q of `DEAD_ZONES`: the weights with |x| at most its q-quantile on the zero
-    representative, the others on their nearest nonzero one; none without a zero."""
-    zero = np.flatnonzero(centers == 0)
-    if not zero.size or not 0 < zero[0] < centers.size - 1:  # a zero between two values
-        return []
-    z = int(zero[0])
-    mids = (centers[1:] + centers[:-1]) / 2
-    magnitude = np.abs(x)
-    candidates = []
-    for threshold in np.quantile(magnitude, DEAD_ZONES):
-        bounds = mids.copy()
+@dataclass
+class _DeadZones:
+    """A tensor's dead-zone assignments (one per share of `DEAD_ZONE_SHARES`): the zero takes
+    |x| up to each threshold; their squared distortions and index bits."""
+
+    zero: int  # the zero's index among the representatives
+    thresholds: np.ndarray
+    distortion: np.ndarray
+    bits: np.ndarray
+
+    @staticmethod
+    def of(x: np.ndarray, centers: np.ndarray) -> _DeadZones | None:
+        """None without a pinned zero between two representatives."""
+        zero = np.flatnonzero(centers == 0)
+        if not zero.size or not 0 < zero[0] < centers.size - 1:
+            return None
+        zones = _DeadZones(int(zero[0]), np.quantile(np.abs(x), DEAD_ZONE_SHARES),
+                           np.empty(DEAD_ZONE_SHARES.size), np.empty(DEAD_ZONE_SHARES.size))
+        for i, threshold in enumerate(zones.thresholds):
+            index, _ = zones.assignment(x, centers, threshold)
+            zones.distortion[i] = np.square(x - centers[index]).sum()
+            zones.bits[i] = _index_bits(index, centers.size)
+        return zones
+
+    def assignment(self, x: np.ndarray, centers: np.ndarray, threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and (k - 1,) boundaries with |x| <= threshold on the zero, the rest on
+        the nearest nonzero representative (one squeezed out wins nowhere)."""
+        z = self.zero
+        bounds = (centers[1:] + centers[:-1]) / 2
         bounds[:z] = np.minimum(bounds[:z], -threshold)
         bounds[z:] = np.maximum(bounds[z:], threshold)
         bounds[z - 1], bounds[z] = -threshold, threshold
-        index = np.searchsorted(bounds, x, side="left")
-        candidates.append(_Candidate(index, bounds, float(np.square(x - centers[index]).sum()),
-                                     _index_bits(index, centers.size)))
-    return candidates
+        return np.searchsorted(bounds, x, side="left"), bounds
 
 
 @dataclass
@@ -156,7 +162,7 @@ class _Tensor:
     nearest: np.ndarray  # assignment by nearest representative
     sensitivity: float  # weight of this tensor's distortion against the model's bits
     count: int  # weights in the tensor (x may be a sample of them)
-    dead_zones: list[_Candidate]  # fixed assignments with a dead zone (`_dead_zones`)
+    dead_zones: _DeadZones | None  # the dead-zone assignments it may take
 
     def assign(self, mu: float) -> tuple[np.ndarray, np.ndarray]:
         """The assignment at model multiplier `mu`, this tensor's distortion weighted by its
@@ -171,15 +177,17 @@ class _Tensor:
         rate-distortion curve, the whole tensor on one value (branch ecsq-dp)."""
         m = mu / max(self.sensitivity, 1e-30)
         index, bounds = _assign(self.x, self.centers, m, self.nearest)
-        if not self.dead_zones:
+        zones = self.dead_zones
+        if zones is None:
             return index, bounds
         cost = math.inf
         if np.bincount(index).max() <= MAX_SHARE * index.size:
             cost = (float(np.square(self.x - self.centers[index]).sum())
                     + m * _index_bits(index, self.centers.size))
-        for c in self.dead_zones:
-            if c.distortion + m * c.bits < cost:
-                index, bounds, cost = c.index, c.bounds, c.distortion + m * c.bits
+        costs = zones.distortion + m * zones.bits
+        best = int(costs.argmin())
+        if costs[best] < cost:
+            return zones.assignment(self.x, self.centers, zones.thresholds[best])
         return index, bounds
 
 
@@ -221,7 +229,7 @@ def _states(model: nn.Module, sensitivity: Mapping[str, float] | None,
         centers = t.codebook.normalized.detach().double().cpu().numpy()
         nearest = t.codebook.assign(flat[::step]).cpu().numpy()
         states.append(_Tensor(t, x, centers, nearest, sensitivity.get(t.name, 1.0),
-                              flat.numel(), _dead_zones(x, centers) if dead_zones else []))
+                              flat.numel(), _DeadZones.of(x, centers) if dead_zones else None))
     return states
 
 
