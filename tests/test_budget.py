@@ -340,3 +340,16 @@ def test_no_tensor_ends_on_one_value_however_cheap_its_sensitivity_prices_it(tmp
         values, counts = torch.unique(t.weight, return_counts=True)
         assert values.numel() >= 2, t.name
         assert counts[values == 0].sum() <= 0.98 * t.weight.numel() + 1, t.name
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.75, 1.0])
+def test_with_dead_zones_the_file_meets_the_budget_closely(budget, tmp_path):
+    """Dead zones on a fine grid of shares: the bits move in small steps with the
+    multiplier, so the file is at most 2% over the budget and not far under it."""
+    model = prepared(3)
+    for t in quantized_tensors(model):
+        t.codebook.zero = True
+        t.codebook.project_()
+    meet_budget(model, budget, dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert 0.93 * budget <= bits <= 1.02 * budget, (budget, bits)

@@ -18,10 +18,12 @@ assignments and k change. A model already under its budget is left as it is.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,39 +167,25 @@ class _Tensor:
     dead_zones: _DeadZones | None  # the dead-zone assignments it may take
 
     def assign(self, mu: float) -> tuple[np.ndarray, np.ndarray]:
-        """The assignment at model multiplier `mu`, this tensor's distortion weighted by its
-        sensitivity, and its boundaries: the entropy-constrained iteration from the nearest
-        rule (`_assign`) or, with a pinned zero, a dead-zone assignment, whichever costs
-        less (distortion plus multiplier times index bits), the iteration's only while no
-        value holds more than `MAX_SHARE` of the weights. Iterated alone, a neighbour of
-        the zero with a larger share absorbs it as the multiplier grows (cnn4's last
-        convolution under one bit: every weight on two values, a full bit per weight);
-        and iterated from a dead zone, the zero absorbs everything (branch deadzone). The
-        exact optimum is no better: it jumps to the convex hull of the tensor's
-        rate-distortion curve, the whole tensor on one value (branch ecsq-dp)."""
-        m = mu / max(self.sensitivity, 1e-30)
-        index, bounds = _assign(self.x, self.centers, m, self.nearest)
-        zones = self.dead_zones
-        if zones is None:
-            return index, bounds
-        cost = math.inf
-        if np.bincount(index).max() <= MAX_SHARE * index.size:
-            cost = (float(np.square(self.x - self.centers[index]).sum())
-                    + m * _index_bits(index, self.centers.size))
-        costs = zones.distortion + m * zones.bits
-        best = int(costs.argmin())
-        if costs[best] < cost:
-            return zones.assignment(self.x, self.centers, zones.thresholds[best])
-        return index, bounds
+        """The entropy-constrained assignment at model multiplier `mu`, this tensor's
+        distortion weighted by its sensitivity, and its boundaries (`_assign`)."""
+        return _assign(self.x, self.centers, mu / max(self.sensitivity, 1e-30), self.nearest)
+
+    def stored_bytes(self, index: np.ndarray) -> float:
+        """Bytes of this tensor's indices and codebook under `index` (of x, scaled up)."""
+        counts = np.bincount(index, minlength=self.centers.size) * (self.count / self.x.size)
+        return _index_bytes(counts) + CODEBOOK_BYTES * max(2, int((counts > 0).sum()))
+
+    def distortion(self, index: np.ndarray) -> float:
+        """Squared scaled distortion of `index` over the whole tensor (x's, scaled up)."""
+        return float(np.square(self.x - self.centers[index]).sum()) * self.count / self.x.size
 
 
 def _stored_bits(states: list[_Tensor], mu: float) -> tuple[float, list[np.ndarray]]:
     total_bytes, assignments = 0.0, []
     for s in states:
         index = s.assign(mu)[0] if mu > 0 else s.nearest
-        counts = np.bincount(index, minlength=s.centers.size) * (s.count / s.x.size)
-        used = max(2, int((counts > 0).sum()))
-        total_bytes += _index_bytes(counts) + CODEBOOK_BYTES * used
+        total_bytes += s.stored_bytes(index)
         assignments.append(index)
     weights = sum(s.count for s in states)
     return 8 * total_bytes / weights, assignments
@@ -233,6 +221,93 @@ def _states(model: nn.Module, sensitivity: Mapping[str, float] | None,
     return states
 
 
+# Multipliers of the iteration's points on a tensor's staircase (`_staircase`), in squared
+# scaled distortion per bit per weight: from barely moving a weight to emptying the tensor.
+LADDER = np.logspace(-3, 1.5, 28)
+
+
+@dataclass
+class _Point:
+    """One assignment of a tensor: its stored bits and squared scaled distortion (whole
+    tensor), and how to rebuild it: a dead zone's threshold, else the iteration's multiplier
+    (0: the nearest rule)."""
+
+    bits: float
+    distortion: float
+    threshold: float | None = None
+    multiplier: float = 0.0
+
+
+def _staircase(s: _Tensor) -> list[_Point]:
+    """The assignments a tensor may take under a budget with dead zones, by bits descending,
+    each with less distortion than every one after it (those beaten on both are dropped):
+    the nearest rule first, then the entropy-constrained iteration at each multiplier of
+    `LADDER` and, with a pinned zero, every dead zone; none but the nearest with more than
+    `MAX_SHARE` of the weights on one value."""
+    points = [_Point(8 * s.stored_bytes(s.nearest), s.distortion(s.nearest))]
+
+    def add(index: np.ndarray, **how: Any) -> None:
+        if np.bincount(index).max() <= MAX_SHARE * index.size:
+            points.append(_Point(8 * s.stored_bytes(index), s.distortion(index), **how))
+
+    for m in LADDER:
+        add(_assign(s.x, s.centers, float(m), s.nearest)[0], multiplier=float(m))
+    if s.dead_zones is not None:
+        for threshold in s.dead_zones.thresholds:
+            add(s.dead_zones.assignment(s.x, s.centers, threshold)[0],
+                threshold=float(threshold))
+    points.sort(key=lambda p: (p.bits, p.distortion))
+    stairs: list[_Point] = []
+    for p in points:  # bits ascending: keep what lowers the distortion
+        if not stairs or p.distortion < stairs[-1].distortion:
+            stairs.append(p)
+    return stairs[::-1]
+
+
+def _descend(states: list[_Tensor], bits_per_weight: float
+             ) -> tuple[list[_Point], float]:
+    """Greedy allocation on the tensors' staircases: from the nearest rule everywhere, move
+    one tensor one step down at a time, always the step that costs the least sensitivity-
+    weighted distortion per bit saved, until the model meets `bits_per_weight`. Step by
+    step, so the bits never jump past the budget (the multiplier's lower envelope leaps
+    across the non-convex parts of a tensor's curve, where dead zones put it). Returns each
+    tensor's point and the price of the last step (0: nothing moved)."""
+    stairs = [_staircase(s) for s in states]
+    where = [0] * len(states)
+    budget = bits_per_weight * sum(s.count for s in states)
+    total = sum(st[0].bits for st in stairs)
+
+    def price(i: int) -> float:
+        here, below = stairs[i][where[i]], stairs[i][where[i] + 1]
+        return (states[i].sensitivity * (below.distortion - here.distortion)
+                / (here.bits - below.bits))
+
+    heap = [(price(i), i) for i, st in enumerate(stairs) if len(st) > 1]
+    heapq.heapify(heap)
+    last = 0.0
+    while total > budget:
+        if not heap:
+            raise ConfigError(f"bits_per_weight={bits_per_weight}: the model cannot be "
+                              "stored that small (every tensor keeps two representatives "
+                              f"and at most {MAX_SHARE:.0%} of its weights on one value)")
+        last, i = heapq.heappop(heap)
+        total -= stairs[i][where[i]].bits - stairs[i][where[i] + 1].bits
+        where[i] += 1
+        if where[i] + 1 < len(stairs[i]):
+            heapq.heappush(heap, (price(i), i))
+    return [st[w] for st, w in zip(stairs, where, strict=True)], last
+
+
+def _rebuild(s: _Tensor, point: _Point) -> tuple[np.ndarray, np.ndarray | None]:
+    """The indices (of x) and boundaries of `point` (None: the nearest rule)."""
+    if point.threshold is not None:
+        assert s.dead_zones is not None
+        return s.dead_zones.assignment(s.x, s.centers, point.threshold)
+    if point.multiplier == 0:
+        return s.nearest, None
+    return _assign(s.x, s.centers, point.multiplier, s.nearest)
+
+
 def _multiplier(states: list[_Tensor], bits_per_weight: float) -> float:
     """The smallest mu (to bisection precision) whose assignment meets the budget; 0 when
     the nearest assignment already does."""
@@ -259,13 +334,19 @@ def meet_budget(model: nn.Module, bits_per_weight: float,
     codebook bits per quantized weight are at most `bits_per_weight`; snaps every weight and
     drops unused representatives (k shrinks, never below 2). `sensitivity` (tensor name ->
     weight, e.g. `fisher_sensitivity`) weights each tensor's distortion; by default all
-    count alike. `dead_zones` lets a tensor with a pinned zero take a dead-zone assignment
-    where it costs less (`_Tensor.assign`); False: the iteration alone. Returns the bits
-    estimated for the file (the real file is within a few
-    bytes per tensor of it)."""
+    count alike. With `dead_zones` the allocation descends the tensors' staircases
+    (`_descend`), dead zones included where a zero is pinned; without, one multiplier for
+    the model, found by bisection, and the iteration alone. Returns the bits estimated for
+    the file (the real file is within a few bytes per tensor of it)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
     states = _states(model, sensitivity, dead_zones=dead_zones)
-    bits, assignments = _stored_bits(states, _multiplier(states, bits_per_weight))
+    if dead_zones:
+        points, _ = _descend(states, bits_per_weight)
+        assignments = [_rebuild(s, p)[0] for s, p in zip(states, points, strict=True)]
+        bits = 8 * sum(s.stored_bytes(i) for s, i in zip(states, assignments, strict=True)
+                       ) / sum(s.count for s in states)
+    else:
+        bits, assignments = _stored_bits(states, _multiplier(states, bits_per_weight))
     for s, index in zip(states, assignments, strict=True):
         _apply(s.t, s.centers, index)
     return bits
@@ -300,9 +381,16 @@ def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE
     `sensitivity`, alike without, with `dead_zones` or not; shares estimated on every
     `n // sample`-th weight), so that snapped training passes and the penalty use the
     assignment the file will have, and the network learns under it. Returns the multiplier
-    mu (0: the nearest rule already meets the budget)."""
+    mu, or with `dead_zones` the price of the last step down (0: the nearest rule already
+    meets the budget)."""
     check_float("bits_per_weight", bits_per_weight, 0, low_open=True)
     states = _states(model, sensitivity, sample, dead_zones)
+    if dead_zones:
+        points, price = _descend(states, bits_per_weight)
+        for s, p in zip(states, points, strict=True):
+            bounds = _rebuild(s, p)[1]
+            s.t.codebook.cuts = None if bounds is None else torch.from_numpy(bounds)
+        return price
     mu = _multiplier(states, bits_per_weight)
     if mu == 0:
         return mu
