@@ -14,6 +14,16 @@ it. With a measured sensitivity s_t per tensor (`fisher_sensitivity`: the loss g
 about s_t / 2 per unit of squared scaled distortion), a tensor's distortion is weighted by
 it, so sensitive tensors keep more bits. The codebooks keep their learned values; only
 assignments and k change. A model already under its budget is left as it is.
+
+Under one bit that multiplier fails two ways: iterated from the nearest rule, a neighbour of
+a pinned zero with a larger share absorbs it (cnn4's last convolution: two values, a full
+bit per weight), and a tensor priced low can end on one value. With `dead_zones` each
+tensor instead gets a staircase of assignments (the nearest rule, the iteration at a ladder
+of multipliers and, with a pinned zero, dead zones: its smallest 30% to 98% of weights on
+the zero), none with more than 98% of the weights on one value, and the model descends them
+greedily, one step of one tensor at a time, cheapest weighted distortion per bit saved
+first, until it meets the budget; step by step, since dead zones make a tensor's curve
+non-convex and one multiplier would leap across it.
 """
 
 from __future__ import annotations

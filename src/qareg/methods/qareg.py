@@ -110,10 +110,11 @@ class QaregConfig:
     # budget_steps steps (qareg.budget.gradient_sensitivity), so that tensors the loss reacts to
     # most (a small first convolution) keep more bits at the same size; False: alike
     budget_fisher: bool = False
-    # with a budget and a pinned zero: a tensor may take a dead-zone assignment (its smallest
-    # weights, up to 98%, on the zero) where that costs less than the entropy-constrained
-    # iteration's, which under one bit can let a neighbour absorb the zero or empty a
-    # tensor (qareg.budget._Tensor.assign); False: the iteration alone
+    # with a budget: allocate by greedy descent on each tensor's staircase of assignments
+    # (qareg.budget._descend), dead zones (its smallest weights, up to 98%, on a pinned zero)
+    # among them, no tensor with more than 98% of its weights on one value; False: one
+    # multiplier for the model and the entropy-constrained iteration alone, which under one
+    # bit can let a neighbour absorb the zero or empty a tensor
     budget_dead_zones: bool = False
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
