@@ -353,3 +353,12 @@ def test_with_dead_zones_the_file_meets_the_budget_closely(budget, tmp_path):
     meet_budget(model, budget, dead_zones=True)
     bits, _ = stored_bits(model, tmp_path / "m.qz")
     assert 0.93 * budget <= bits <= 1.02 * budget, (budget, bits)
+
+
+def test_budget_fisher_power_shrinks_the_spread_of_the_sensitivities():
+    method = create_method("qareg", {"budget_steps": 4, "budget_fisher": True,
+                                     "budget_fisher_power": 0.5})
+    assert method._weights({"a": 4.0, "b": 1e-4}) == pytest.approx({"a": 2.0, "b": 1e-2})
+    assert create_method("qareg")._weights({"a": 4.0}) == {"a": 4.0}  # power 1: as measured
+    with pytest.raises(ConfigError, match="budget_fisher_power must be a number >= 0 and <= 1"):
+        create_method("qareg", {"budget_fisher_power": 1.5})
