@@ -14,6 +14,8 @@ only (markdown on stdout). One subcommand per kind of file:
     python benchmarks/tables.py cost benchmarks/results/regularizer-cost-vgg16.jsonl --last 3
     python benchmarks/tables.py deploy benchmarks/results/deploy-lenet5-cnn4-vgg16.jsonl
     python benchmarks/tables.py penalty-pass benchmarks/results/penalty-pass-vgg16.jsonl
+    python benchmarks/tables.py gradl1-widths benchmarks/results/gradl1-widths-lenet5.jsonl
+    python benchmarks/tables.py cpq-widths benchmarks/results/cpq-widths-lenet5.jsonl
 
 The suites' own tables, plots and paired intervals come from `qareg report FILE --out-dir
 DIR`; two bench files side by side from `benchmarks/compare_results.py`.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from summarize_variants import table as variants_table
+
+from qareg.report.paired import paired_difference
 
 Rows = list[dict[str, Any]]
 
@@ -280,10 +285,63 @@ def deploy(rows: Rows, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def mean_spread(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
+
+
+def interval(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "-"
+    if d["low"] is None:
+        return f"{d['mean']:+.2f} (1 seed)"
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def gradl1_widths(rows: Rows, args: argparse.Namespace) -> str:
+    """`benchmarks/gradl1_widths.py`: per W/A, the test accuracy of the plainly fine-tuned
+    and the gradl1 weight sets (mean ± sample std over seeds) and gradl1 minus plain, paired
+    over seeds with its 95% t-interval."""
+    accuracy: dict[tuple[str, Any, Any], dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        accuracy[(r["trained"], r["bits"], r["act_bits"])][r["seed"]] = r["accuracy"]
+    widths = sorted({(b, a) for _, b, a in accuracy}, key=lambda w: (-w[0], -(w[1] or 99)))
+    lines = ["| W/A | plain fine-tuning | gradl1 | gradl1 - plain |", "|:--|--:|--:|--:|"]
+    for b, a in widths:
+        plain, reg = accuracy[("fp", b, a)], accuracy[("gradl1", b, a)]
+        lines.append(f"| {b}/{a if a is not None else 32} | {mean_spread(list(plain.values()))} "
+                     f"| {mean_spread(list(reg.values()))} "
+                     f"| {interval(paired_difference(reg, plain))} |")
+    return "\n".join(lines)
+
+
+def cpq_widths(rows: Rows, args: argparse.Namespace) -> str:
+    """CPQ's learned bit-widths: per method and bits, test accuracy (mean ± sample std), the
+    mean bits per weight its tensors kept (log2 of each tensor's k, weighted by its size),
+    stored file KB, and each seed's per-tensor bits in layer order."""
+    cells: dict[tuple[str, Any], Rows] = defaultdict(list)
+    for r in rows:
+        if r["method"] != "fp":
+            cells[(r["method"], r["bits"])].append(r)
+    lines = ["| method | bits | test acc % | kept bits/weight | file KB | per-tensor bits, "
+             "by seed |", "|:--|--:|--:|--:|--:|:--|"]
+    for (method, bits), group in sorted(cells.items()):
+        group.sort(key=lambda r: r["seed"])
+        per_tensor = "; ".join(
+            "/".join(f"{math.log2(layer['k']):g}" for layer in r["layers"].values())
+            for r in group)
+        lines.append(f"| {method} | {bits} | {mean_spread([r['accuracy'] for r in group])} "
+                     f"| {statistics.fmean(r['bits_per_weight'] for r in group):.2f} "
+                     f"| {statistics.fmean(r['file_bytes'] for r in group) / 1e3:.1f} "
+                     f"| {per_tensor} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[Rows, argparse.Namespace], str]] = {
     "demo": demo, "tuning": tuning, "widths": widths, "sizes": sizes, "variants": variants,
     "assignment": assignment, "defaults": defaults, "storage": storage, "kmeans1d": kmeans1d,
     "cost": cost, "deploy": deploy, "penalty-pass": penalty_pass, "size-explore": size_explore,
+    "gradl1-widths": gradl1_widths, "cpq-widths": cpq_widths,
 }
 
 

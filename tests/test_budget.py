@@ -275,3 +275,90 @@ def test_budget_fisher_measures_sensitivities_and_the_file_keeps_the_learned_ass
         assert (t.weight != learned[t.name]).float().mean() <= 1e-3, t.name
     bits, _ = stored_bits(model, tmp_path / "m.qz")
     assert bits <= 0.6 * 1.02
+
+
+def test_a_resumed_run_keeps_budget_fisher_s_sensitivities(tiny_splits):
+    """The moving average lives in the method: the checkpoint carries it, so a run resumed
+    with no step left meets its budget with it, not with every tensor alike."""
+    torch.manual_seed(0)
+    model = qareg.create_model("lenet5", 10, 1, 28)
+    config = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3)
+    options = {"budget_steps": 4, "budget_fisher": True, "zero": True}
+    method = create_method("qareg", options)
+    method.prepare(model, 0.6, seed=0)
+    saved = []
+    train(model, tiny_splits, config, method, progress=False, save_state=saved.append)
+    assert saved[-1]["method"]["sensitivity"] == method._sensitivity
+    resumed = create_method("qareg", options)
+    twin = copy.deepcopy(model)
+    resumed.prepare(twin, 0.6, seed=0)
+    train(twin, tiny_splits, config, resumed, progress=False, resume=saved[-1])
+    assert resumed._sensitivity == method._sensitivity
+    method.convert(model, 0.6)
+    resumed.convert(twin, 0.6)
+    for a, b in zip(quantized_tensors(model), quantized_tensors(twin), strict=True):
+        assert torch.equal(a.weight, b.weight), a.name
+
+
+def ternary_mixture(shares=(4500, 3000, 2500)) -> torch.nn.Module:
+    """A layer whose weights cluster at -1, 0 and 1, with a ternary codebook there."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(c, 0.1, n)
+                             for c, n in zip((-1, 0, 1), shares, strict=True)])
+    layer = torch.nn.Linear(100, values.size // 100, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(rng.permutation(values).reshape(-1, 100)))
+    return qareg.prepare(torch.nn.Sequential(layer), 3, seed=0, zero=True)
+
+
+def test_a_zero_with_a_smaller_share_than_its_neighbour_keeps_the_weights_under_a_budget(
+        tmp_path):
+    """cnn4's last convolution under one bit: the neighbour held more weights by the nearest
+    rule and took the zero's as the multiplier grew, leaving two values at a bit per weight;
+    the dead zone keeps the zero, the cheapest value to store."""
+    model = ternary_mixture()
+    meet_budget(model, 0.6, dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert bits <= 0.6 * 1.02
+    values, counts = torch.unique(model[0].weight, return_counts=True)
+    assert values.numel() == 3 and values[counts.argmax()].item() == 0
+
+
+def test_no_tensor_ends_on_one_value_however_cheap_its_sensitivity_prices_it(tmp_path):
+    """A tensor weighted a million times below the rest gives up nearly all its bits, but
+    keeps two values in use and at most 98% of its weights on the zero."""
+    model = prepared(3)
+    for t in quantized_tensors(model):
+        t.codebook.zero = True
+        t.codebook.project_()
+    names = [t.name for t in quantized_tensors(model)]
+    meet_budget(model, 0.5, {n: 1e-6 if n == names[-2] else 1.0 for n in names},
+                dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert bits <= 0.5 * 1.02
+    for t in quantized_tensors(model):
+        values, counts = torch.unique(t.weight, return_counts=True)
+        assert values.numel() >= 2, t.name
+        assert counts[values == 0].sum() <= 0.98 * t.weight.numel() + 1, t.name
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.75, 1.0])
+def test_with_dead_zones_the_file_meets_the_budget_closely(budget, tmp_path):
+    """Dead zones on a fine grid of shares: the bits move in small steps with the
+    multiplier, so the file is at most 2% over the budget and not far under it."""
+    model = prepared(3)
+    for t in quantized_tensors(model):
+        t.codebook.zero = True
+        t.codebook.project_()
+    meet_budget(model, budget, dead_zones=True)
+    bits, _ = stored_bits(model, tmp_path / "m.qz")
+    assert 0.93 * budget <= bits <= 1.02 * budget, (budget, bits)
+
+
+def test_budget_fisher_power_shrinks_the_spread_of_the_sensitivities():
+    method = create_method("qareg", {"budget_steps": 4, "budget_fisher": True,
+                                     "budget_fisher_power": 0.5})
+    assert method._weights({"a": 4.0, "b": 1e-4}) == pytest.approx({"a": 2.0, "b": 1e-2})
+    assert create_method("qareg")._weights({"a": 4.0}) == {"a": 4.0}  # power 1: as measured
+    with pytest.raises(ConfigError, match="budget_fisher_power must be a number >= 0 and <= 1"):
+        create_method("qareg", {"budget_fisher_power": 1.5})

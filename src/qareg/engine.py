@@ -214,6 +214,8 @@ def train(
         _set_rng_states(resume["rng"], device)
         history = [EpochMetrics(**m) for m in resume["history"]]
         step, first_epoch = resume["step"], resume["epoch"] + 1
+        if method is not None:
+            method.load_training_state(resume.get("method", {}))
         if metrics_file is not None and history:  # the epochs kept, none of a lost one
             _write_metrics(metrics_file, history)
     for epoch in range(first_epoch, config.epochs + 1):
@@ -280,6 +282,7 @@ def train(
                 "loader_rng": loader.generator.get_state(),
                 "rng": _rng_states(device),
                 "history": [asdict(m) for m in history],
+                "method": method.training_state() if method is not None else {},
             })
         if on_epoch is not None and world.is_main:
             on_epoch(metrics)

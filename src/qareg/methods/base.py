@@ -151,6 +151,15 @@ class Method:
         """Refuse a training whose activation bits (None: full precision) this method's
         options cannot work with; by default any."""
 
+    def training_state(self) -> dict[str, Any]:
+        """What this method has learned outside the model and the optimizer that a resumed
+        training needs (saved in every epoch's checkpoint; plain values only); by default
+        nothing."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Take back `training_state`'s dict when a training resumes (after `prepare`)."""
+
     def lam(self, progress: Progress) -> float:
         """Weight of the regularizer at this step; at 0 the engine skips computing it unless
         the method has parameters of its own (they need a gradient every step under DDP)."""

@@ -110,6 +110,16 @@ class QaregConfig:
     # budget_steps steps (qareg.budget.gradient_sensitivity), so that tensors the loss reacts to
     # most (a small first convolution) keep more bits at the same size; False: alike
     budget_fisher: bool = False
+    # the power the sensitivities are raised to before they weigh distortions: 1 as measured,
+    # below 1 their spread shrinks (cnn4's first convolution weighs about 3,000 times its
+    # last per weight: a quadratic model of the loss trusted that far empties the last)
+    budget_fisher_power: float = 1.0
+    # with a budget: allocate by greedy descent on each tensor's staircase of assignments
+    # (qareg.budget._descend), dead zones (its smallest weights, up to 98%, on a pinned zero)
+    # among them, no tensor with more than 98% of its weights on one value; False: one
+    # multiplier for the model and the entropy-constrained iteration alone, which under one
+    # bit can let a neighbour absorb the zero or empty a tensor
+    budget_dead_zones: bool = False
     # grouped codebooks (qareg.channel_groups): output channels per codebook (0: one per
     # tensor), and a fixed per-channel scale (each channel's RMS) under the codebook
     group_size: int = 0
@@ -137,6 +147,8 @@ class QaregConfig:
         check_int("rate_sample", self.rate_sample, 0)
         check_int("budget_steps", self.budget_steps, 0)
         check_bool("budget_fisher", self.budget_fisher)
+        check_bool("budget_dead_zones", self.budget_dead_zones)
+        check_float("budget_fisher_power", self.budget_fisher_power, 0, 1)
         if self.budget_fisher and not self.budget_steps:
             raise ConfigError("budget_fisher weighs the assignment training renews every "
                               "budget_steps steps, but budget_steps is 0 (give budget_steps "
@@ -295,7 +307,8 @@ class QaregMethod(Method):
         `budget_fisher`, after it: `_update_weighted_cuts`)."""
         if self.config.budget_fisher or not self._cuts_due(progress):
             return
-        training_cuts(model, self.budget_for(self.bits))
+        training_cuts(model, self.budget_for(self.bits),
+                      dead_zones=self.config.budget_dead_zones)
         self._cuts_step = progress.step
 
     def _update_weighted_cuts(self, model: nn.Module, task_loss: Tensor,
@@ -314,8 +327,30 @@ class QaregMethod(Method):
         self._sensitivity = {t.name: value if old is None else
                              SENSITIVITY_DECAY * old[t.name] + (1 - SENSITIVITY_DECAY) * value
                              for t, value in zip(tensors, values, strict=True)}
-        training_cuts(model, self.budget_for(self.bits), sensitivity=self._sensitivity)
+        training_cuts(model, self.budget_for(self.bits), sensitivity=self._weights(),
+                      dead_zones=self.config.budget_dead_zones)
         self._cuts_step = progress.step
+
+    def _weights(self, sensitivity: dict[str, float] | None = None
+                 ) -> dict[str, float] | None:
+        """The weights of the tensors' distortions: `sensitivity` (by default budget_fisher's
+        moving average) raised to `budget_fisher_power`."""
+        if sensitivity is None:
+            sensitivity = getattr(self, "_sensitivity", None)
+        if sensitivity is None:
+            return None
+        power = self.config.budget_fisher_power
+        return {name: value ** power for name, value in sensitivity.items()}
+
+    def training_state(self) -> dict[str, Any]:
+        """budget_fisher's moving-average sensitivities: a resumed run goes on averaging,
+        and one resumed with no step left meets its budget with them."""
+        sensitivity = getattr(self, "_sensitivity", None)
+        return {} if sensitivity is None else {"sensitivity": dict(sensitivity)}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if "sensitivity" in state:
+            self._sensitivity = {str(k): float(v) for k, v in state["sensitivity"].items()}
 
     def lam(self, progress: Progress) -> float:
         return self.config.lambda_at(progress.fraction)
@@ -345,9 +380,9 @@ class QaregMethod(Method):
         budget = self.budget_for(bits)
         if budget is not None:
             if self.config.budget_steps:
-                weights = getattr(self, "_sensitivity", None) if self.config.budget_fisher else None
+                weights = self._weights() if self.config.budget_fisher else None
             else:
-                weights = (fisher_sensitivity(model, calibration) if calibration is not None
-                           else None)
-            meet_budget(model, budget, weights)
+                weights = (self._weights(fisher_sensitivity(model, calibration))
+                           if calibration is not None else None)
+            meet_budget(model, budget, weights, dead_zones=self.config.budget_dead_zones)
         return {t.name: t.codebook.representatives().detach() for t in require_codebooks(model)}
