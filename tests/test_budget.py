@@ -143,8 +143,8 @@ def test_sensitive_tensors_keep_more_bits(tmp_path):
 
 
 def test_fisher_sensitivity_is_positive_and_leaves_the_model_alone(tiny_splits):
-    from qareg.budget import fisher_sensitivity
     from qareg.evaluation import bn_loader
+    from qareg.sensitivity import fisher_sensitivity
 
     model = prepared(4).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

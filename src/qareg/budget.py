@@ -10,7 +10,7 @@ so a weight near a boundary moves to the more frequent representative: a little 
 distortion, fewer bits, and representatives that lose all their weights are dropped. One
 `mu` for the whole model, found by bisection, makes the marginal cost of a bit the same in
 every tensor: the allocation between tensors (and each tensor's effective k) follows from
-it. With a measured sensitivity s_t per tensor (`fisher_sensitivity`: the loss grows by
+it. With a measured sensitivity s_t per tensor (`qareg.sensitivity`: the loss grows by
 about s_t / 2 per unit of squared scaled distortion), a tensor's distortion is weighted by
 it, so sensitive tensors keep more bits. The codebooks keep their learned values; only
 assignments and k change. A model already under its budget is left as it is.
@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -123,22 +122,13 @@ DEAD_ZONE_SHARES = np.linspace(0.3, 0.98, 69)
 MAX_SHARE = float(DEAD_ZONE_SHARES[-1])
 
 
-def _index_bits(index: np.ndarray, k: int) -> float:
-    """Bits of `index` under its own shares: n times their entropy."""
-    counts = np.bincount(index, minlength=k)
-    counts = counts[counts > 0]
-    return float(-(counts * np.log2(counts / index.size)).sum())
-
-
 @dataclass
 class _DeadZones:
     """A tensor's dead-zone assignments (one per share of `DEAD_ZONE_SHARES`): the zero takes
-    |x| up to each threshold; their squared distortions and index bits."""
+    |x| up to each threshold."""
 
     zero: int  # the zero's index among the representatives
     thresholds: np.ndarray
-    distortion: np.ndarray
-    bits: np.ndarray
 
     @staticmethod
     def of(x: np.ndarray, centers: np.ndarray) -> _DeadZones | None:
@@ -146,13 +136,7 @@ class _DeadZones:
         zero = np.flatnonzero(centers == 0)
         if not zero.size or not 0 < zero[0] < centers.size - 1:
             return None
-        zones = _DeadZones(int(zero[0]), np.quantile(np.abs(x), DEAD_ZONE_SHARES),
-                           np.empty(DEAD_ZONE_SHARES.size), np.empty(DEAD_ZONE_SHARES.size))
-        for i, threshold in enumerate(zones.thresholds):
-            index, _ = zones.assignment(x, centers, threshold)
-            zones.distortion[i] = np.square(x - centers[index]).sum()
-            zones.bits[i] = _index_bits(index, centers.size)
-        return zones
+        return _DeadZones(int(zero[0]), np.quantile(np.abs(x), DEAD_ZONE_SHARES))
 
     def assignment(self, x: np.ndarray, centers: np.ndarray, threshold: float
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -407,37 +391,3 @@ def training_cuts(model: nn.Module, bits_per_weight: float, sample: int = SAMPLE
     for s in states:
         s.t.codebook.cuts = torch.from_numpy(s.assign(mu)[1])
     return mu
-
-
-def gradient_sensitivity(tensors: list[QuantizedTensor], loss: Tensor) -> dict[str, float]:
-    """Per tensor of `tensors`: the mean squared gradient of `loss` over its weights times
-    its codebook's scale squared (one batch's diagonal empirical Fisher along the scaled
-    distortion). The graph is kept, so training's backward can follow."""
-    grads = torch.autograd.grad(loss, [t.weight for t in tensors], retain_graph=True,
-                                allow_unused=True)
-    return {t.name: 0.0 if g is None else
-            float(g.double().square().mean()) * float(t.codebook.scale) ** 2
-            for t, g in zip(tensors, grads, strict=True)}
-
-
-def fisher_sensitivity(model: nn.Module, batches: Iterable, max_batches: int = 4
-                       ) -> dict[str, float]:
-    """Per quantized tensor: `gradient_sensitivity` of the cross-entropy averaged over the
-    first `max_batches` of `batches` ((inputs, labels) pairs): the loss's curvature along
-    that tensor's scaled distortion. The model is left as it was."""
-    tensors = require_codebooks(model)
-    sums = {t.name: 0.0 for t in tensors}
-    was_training, count = model.training, 0
-    model.eval()
-    try:
-        for inputs, labels in islice(batches, max_batches):
-            with torch.enable_grad():
-                loss = nn.functional.cross_entropy(model(inputs), labels)
-                for name, value in gradient_sensitivity(tensors, loss).items():
-                    sums[name] += value
-            count += 1
-    finally:
-        model.train(was_training)
-    if not count:
-        raise ConfigError("fisher_sensitivity: the batches are empty")
-    return {name: value / count for name, value in sums.items()}

@@ -22,12 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from qareg.budget import (
-    fisher_sensitivity,
-    gradient_sensitivity,
-    meet_budget,
-    training_cuts,
-)
+from qareg.budget import meet_budget, training_cuts
 from qareg.constants import MAX_K, PENALTY_VARIANTS
 from qareg.distributed import current_world, mean_over_ranks
 from qareg.errors import ConfigError
@@ -41,6 +36,7 @@ from qareg.quantize import (
     weighted_sum,
 )
 from qareg.rate import model_rate_bits
+from qareg.sensitivity import fisher_sensitivity, gradient_sensitivity
 from qareg.straight_through import straight_through
 from qareg.validate import (
     check_bits_or_budget,
@@ -107,8 +103,8 @@ class QaregConfig:
     budget_k: int | None = None
     # with budget_steps: weigh each tensor's distortion in the budget's assignment (training's
     # and the file's) by its sensitivity, measured from the task loss's gradient every
-    # budget_steps steps (qareg.budget.gradient_sensitivity), so that tensors the loss reacts to
-    # most (a small first convolution) keep more bits at the same size; False: alike
+    # budget_steps steps (qareg.sensitivity.gradient_sensitivity), so that tensors the loss
+    # reacts to most (a small first convolution) keep more bits at the same size; False: alike
     budget_fisher: bool = False
     # the power the sensitivities are raised to before they weigh distortions: 1 as measured,
     # below 1 their spread shrinks (cnn4's first convolution weighs about 3,000 times its
