@@ -115,9 +115,9 @@ def _index_bytes(counts: np.ndarray) -> float:
 
 
 # Shares of a tensor's smallest weights that a dead-zone assignment puts on a pinned zero
-# (the rest to the nearest nonzero representative), fine enough that a tensor's bits move in
-# small steps with the multiplier. With dead zones no tensor puts more than the last (98%)
-# on one value: an emptied layer is a loss no quadratic model of the loss foresees.
+# (the rest to the nearest nonzero representative), fine enough that a tensor's staircase
+# (`_staircase`) moves in small steps of bits. With dead zones no tensor puts more than the
+# last (98%) on one value: an emptied layer is a loss no quadratic model of the loss foresees.
 DEAD_ZONE_SHARES = np.linspace(0.3, 0.98, 69)
 MAX_SHARE = float(DEAD_ZONE_SHARES[-1])
 
